@@ -1,0 +1,17 @@
+"""The `midas-recon` command. Each area registers its commands in its own module."""
+
+from __future__ import annotations
+
+from worker.cli import (  # noqa: F401  (imported for their commands)
+    balance_cmd,
+    data_cmds,
+    mismatch_cmds,
+    report_cmds,
+    run_cmds,
+    simulator_cmd,
+)
+from worker.cli.base import cli
+
+
+def main() -> None:
+    cli(prog_name="midas-recon")

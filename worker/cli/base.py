@@ -1,0 +1,90 @@
+"""The `midas-recon` group and how every command fails.
+
+Exit codes scripts can trust: 0 success, 1 the job ran and found a failure, 2 bad usage or
+configuration. Errors are one readable line on stderr, never a traceback, never a secret.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import wraps
+from typing import Any, NoReturn, TypeVar
+
+import click
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError, SQLAlchemyError
+
+from worker.config import ConfigError, Settings, get_settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class UsageError(Exception):
+    """Bad input from the person at the keyboard (a file, an argument): exit 2."""
+
+
+class JobFailed(Exception):
+    """The job ran and found a failure (a run incomplete, a Midas error): exit 1."""
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"midas-recon: {message}", err=True)
+    sys.exit(code)
+
+
+def settings() -> Settings:
+    """The settings, or exit 2 with the one-line reason."""
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        fail(str(exc), EXIT_USAGE)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn the project's exceptions into one line and the right exit code."""
+
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from worker.midas.errors import MidasError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, UsageError) as exc:
+            fail(str(exc), EXIT_USAGE)
+        except (JobFailed, MidasError) as exc:
+            fail(str(exc), EXIT_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="midas-recon")
+def cli() -> None:
+    """Reconcile WeChat Midas coin balances against the game's own ledger.
+
+    Configuration comes from environment variables (see README). Exit codes: 0 success,
+    1 the job ran and found a failure, 2 bad usage or configuration.
+    """
+
+
+@contextmanager
+def database_errors() -> Iterator[None]:
+    """One line for a database problem; the driver's first line, never the SQL parameters."""
+    try:
+        yield
+    except (OperationalError, ProgrammingError, InterfaceError) as exc:
+        raise UsageError(
+            f"database unavailable or not migrated ({_first_line(exc)}); check DATABASE_URL "
+            "and run `midas-recon db upgrade`"
+        ) from None
+    except SQLAlchemyError as exc:
+        raise JobFailed(f"database error ({_first_line(exc)})") from None
+
+
+def _first_line(exc: SQLAlchemyError) -> str:
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

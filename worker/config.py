@@ -1,0 +1,207 @@
+"""One typed settings object, read from the environment (PRODUCT.md §2).
+
+Secrets may come from `NAME_FILE` (a path) instead of `NAME`, as docker and Kubernetes secrets
+do. Any bad value fails with one line naming the variable and never echoes the value.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Variables that hold credentials: they accept a `_FILE` twin and are never echoed.
+SECRET_VARIABLES = (
+    "MIDAS_APP_SECRET",
+    "MIDAS_APP_KEY",
+    "MIDAS_ACCESS_TOKEN",
+    "SESSION_KEY_ENCRYPTION_KEY",
+)
+
+# Shorter "secrets" are refused in production, and log redaction ignores shorter strings.
+MIN_SECRET_LENGTH = 8
+
+# Values people leave in example files; refused outside the sandbox environment.
+_PLACEHOLDERS = re.compile(r"^(|changeme|change-me|secret|xxx+|todo|placeholder|example)$", re.I)
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message is one line that names the variable."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=True, extra="ignore", frozen=True)
+
+    DATABASE_URL: str = "sqlite:///midas_recon.db"
+    REDIS_URL: str | None = None
+
+    MIDAS_API_BASE: str = "https://api.weixin.qq.com"
+    MIDAS_API_VERSION: Literal["v1", "v2"] = "v1"
+    MIDAS_ENV: Literal["sandbox", "production"] = "sandbox"
+    MIDAS_APPID: str | None = None
+    MIDAS_APP_SECRET: SecretStr | None = None
+    MIDAS_OFFER_ID: str | None = None
+    MIDAS_APP_KEY: SecretStr | None = None
+    MIDAS_USER_IP: str = "127.0.0.1"
+    MIDAS_SEND_MP_SIG: bool = False
+    MIDAS_ACCESS_TOKEN: SecretStr | None = None
+    MIDAS_RATE_LIMIT: float = Field(50.0, gt=0, le=100_000)
+    MIDAS_MAX_IN_FLIGHT: int = Field(32, ge=1, le=10_000)
+    MIDAS_TIMEOUT_S: float = Field(5.0, gt=0, le=120)
+
+    RECON_TIMEZONE: str = "Asia/Shanghai"
+    RECON_NIGHTLY_AT: str = "02:30"
+    RECON_SETTLE_SECONDS: int = Field(300, ge=0, le=86_400)
+    RECON_ACTIVE_DAYS: int = Field(30, ge=1, le=3650)
+    # JSON mapping of the comparison checks (worker/recon/rules.py); unset = PRODUCT.md §5.
+    RECON_CHECKS: str | None = None
+
+    SESSION_KEY_ENCRYPTION_KEY: SecretStr | None = None
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def]
+        # `load_settings` reads the environment itself (to resolve `_FILE` twins), so only the
+        # values it passes count; this keeps tests that pass their own environ hermetic.
+        return (init_settings,)
+
+    @field_validator("MIDAS_API_BASE")
+    @classmethod
+    def _base_is_http(cls, v: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+    @field_validator("RECON_TIMEZONE")
+    @classmethod
+    def _known_zone(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError("unknown time zone") from exc
+        return v
+
+    @field_validator("RECON_NIGHTLY_AT")
+    @classmethod
+    def _hh_mm(cls, v: str) -> str:
+        m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", v.strip())
+        if not m:
+            raise ValueError("must be HH:MM (24-hour)")
+        return f"{int(m.group(1)):02d}:{m.group(2)}"
+
+    @field_validator("MIDAS_APPID", "MIDAS_OFFER_ID", "REDIS_URL")
+    @classmethod
+    def _empty_is_unset(cls, v: str | None) -> str | None:
+        return v or None
+
+    @field_validator(*SECRET_VARIABLES, mode="before")
+    @classmethod
+    def _empty_secret_is_unset(cls, v: object) -> object:
+        # `MIDAS_ACCESS_TOKEN=` in an env file means "not set", not "an empty token".
+        return None if isinstance(v, str) and not v.strip() else v
+
+    @field_validator("RECON_CHECKS")
+    @classmethod
+    def _checks_parse(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        from worker.recon.rules import parse_checks  # the rules import config: resolve late
+
+        parse_checks(v)  # a ValueError names what is wrong; load_settings adds the variable
+        return v
+
+    # -- derived values ---------------------------------------------------------------------
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.RECON_TIMEZONE)
+
+    @property
+    def nightly_at(self) -> time:
+        hh, mm = self.RECON_NIGHTLY_AT.split(":")
+        return time(int(hh), int(mm))
+
+    @property
+    def embedded(self) -> bool:
+        """No Redis: in-process queue and limiter, one machine (PRODUCT.md §10)."""
+        return self.REDIS_URL is None
+
+    def secret_values(self) -> list[str]:
+        """Every secret in clear, for log redaction. Never print this."""
+        out: list[str] = []
+        for name in SECRET_VARIABLES:
+            value = getattr(self, name)
+            if value is not None and value.get_secret_value():
+                out.extend(v.strip() for v in value.get_secret_value().split(",") if v.strip())
+        # Passwords inside the database and Redis URLs are credentials too.
+        for url in (self.DATABASE_URL, self.REDIS_URL):
+            password = _url_password(url)
+            if password:
+                out.append(password)
+        return out
+
+    def require(self, *names: str) -> None:
+        """Fail with one line if a setting a command needs is unset or a placeholder."""
+        for name in names:
+            value = getattr(self, name)
+            raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+            if raw is None or raw == "":
+                raise ConfigError(f"{name} is not set")
+            if name in SECRET_VARIABLES and self.MIDAS_ENV == "production":
+                if _PLACEHOLDERS.match(str(raw).strip()):
+                    raise ConfigError(f"{name} holds a placeholder value; set the real secret")
+                if len(str(raw).strip()) < MIN_SECRET_LENGTH:
+                    # Real keys are 24+ characters; a short one is a mistake, and log
+                    # redaction (worker.logs) skips strings this short.
+                    raise ConfigError(f"{name} is too short to be a real secret")
+
+
+def _url_password(url: str | None) -> str | None:
+    if not url:
+        return None
+    try:
+        return unquote(urlsplit(url).password or "") or None
+    except ValueError:  # an unparsable URL fails elsewhere, with the variable's name
+        return None
+
+
+def _read_secret_files(environ: dict[str, str]) -> dict[str, str]:
+    """Resolve `NAME_FILE` into `NAME`; both set is ambiguous and refused."""
+    resolved = dict(environ)
+    for name in SECRET_VARIABLES:
+        path = environ.get(f"{name}_FILE")
+        if not path:
+            continue
+        if environ.get(name):
+            raise ConfigError(f"{name} and {name}_FILE are both set; use one")
+        try:
+            resolved[name] = Path(path).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"{name}_FILE cannot be read ({exc.strerror})") from None
+    return resolved
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    """Build settings from `environ` (default: the process environment)."""
+    env = _read_secret_files(dict(os.environ if environ is None else environ))
+    known = {k: v for k, v in env.items() if k in Settings.model_fields}
+    try:
+        return Settings(**known)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else "configuration"
+        # pydantic's message never includes the input when we only take `msg`.
+        raise ConfigError(f"{name}: {err['msg']}") from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings; tests call `get_settings.cache_clear()` after changing env."""
+    return load_settings()
