@@ -1,0 +1,467 @@
+"""The fleet-wide Midas rate limiter and in-flight cap (PRODUCT.md §6, API.md §6).
+
+Every Midas HTTP attempt runs inside `with limiter.slot():`. A slot is two things, taken in this
+order:
+
+1. an *in-flight slot* (at most `max_in_flight` holders fleet-wide), then
+2. a *rate reservation*: a start time on one shared schedule, which the caller sleeps out.
+
+In-flight first, because a reservation is a moment in time: a caller that reserved first and
+then waited for a free in-flight slot would arrive late, wasting the moment or bunching with
+later callers. Holding the slot while sleeping costs nothing extra: the wait is at most the
+reservation horizon, and if the cap binds, the rate could not have been used anyway.
+
+**The schedule (why no one-second window exceeds the limit).** Midas counts arrivals in any
+one-second window; with N = floor(rate) (at least 1) it may see at most N. Grants are spaced by
+a fixed interval T = max(1/rate, W/N) with W = 1 + `jitter_s` (GCRA with burst 1: each grant is
+at max(now, previous grant + T), never earlier). Any N+1 consecutive grants then span N*T >= W
+seconds, more than one second. The extra `jitter_s` (default 20 ms, i.e. the schedule runs at
+~98% of the limit) absorbs the difference in delay between a grant and its arrival at Midas
+(sleep overshoot, GIL, network): as long as that delay varies by less than `jitter_s` between
+requests, any one-second window of arrivals maps onto a window of grants narrower than W, which
+holds at most N. A caller that wakes up later than half of that budget gives its reservation
+back and takes a new one, so a stalled thread cannot spend more than its share of the margin
+(the slot it missed is lost: on a CPU-starved host this costs throughput, never the limit).
+
+**Clocks.** The Redis limiter keeps all state in Redis and decides inside Lua scripts with the
+Redis server's clock (`TIME`), so machines with skewed clocks share one schedule. The caller
+sleeps client-side for the time the script returns (no polling of Redis while it waits).
+
+**Redis restart / FLUSHDB.** State lives in short-lived keys; a permanent marker key tells "idle
+(keys expired)" from "state lost". After an expiry the schedule restarts at now with no credit
+(burst 1 has none to give). When the marker is missing, reservations handed out before the loss
+may still fire up to `horizon_s` from now, so the new schedule starts after them: the first
+grant waits horizon + T (once, also on a fleet's very first start). The in-flight set and a
+pause are lost with the keys: the cap may be exceeded by the old holders until they finish, and
+a lost 45011 pause is re-established by the next 45011. Run Redis with `noeviction` (as the
+Celery broker needs anyway): evicting the schedule key under memory pressure would be a silent
+state loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from worker.metrics import LIMITER_IN_FLIGHT, LIMITER_WAIT
+
+if TYPE_CHECKING:
+    import redis
+
+    from worker.config import Settings
+
+log = logging.getLogger(__name__)
+
+# Statuses shared by both backends (the Lua scripts return the same numbers).
+_GRANTED, _PAUSED, _FULL, _DEFER = 0, 1, 2, 3
+
+# A caller late by more than this share of `jitter_s` re-reserves; the rest of the budget is
+# left for the HTTP path, which nothing here can check.
+_LATE_SHARE = 0.5
+# Sustained lateness means the whole host is starved, which delays every request alike rather
+# than bunching a few: after this many re-reservations in a row the caller goes anyway instead
+# of livelocking.
+_MAX_RESCHEDULES = 3
+# Upper bound for one sleep while paused or deferred: the pause can be extended, or lifted by a
+# Redis state loss, and we want to notice.
+_MAX_SLEEP_S = 5.0
+
+
+class Limiter(Protocol):
+    def slot(self) -> AbstractContextManager[None]:
+        """Block for an in-flight slot and a rate grant; release the in-flight slot on exit."""
+        ...
+
+    def pause_until(self, unix_ts: float) -> None:
+        """Pause the whole fleet until `unix_ts` (the later of this and any current pause)."""
+        ...
+
+    def paused_until(self) -> float | None:
+        """The end of the current pause (unix seconds), or None."""
+        ...
+
+
+@dataclass(frozen=True)
+class LimiterStats:
+    """Counters of this process's limiter object, for benchmarks."""
+
+    grants: int
+    wait_seconds: float
+    rescheduled: int
+
+
+def grant_interval(rate: float, jitter_s: float) -> float:
+    """Seconds between grants: N = floor(rate) grants must span more than 1 + jitter_s."""
+    if rate <= 0 or not math.isfinite(rate):
+        raise ValueError("rate must be a positive number")
+    if jitter_s < 0:
+        raise ValueError("jitter_s must not be negative")
+    per_window = max(1, math.floor(rate))
+    return max(1.0 / rate, (1.0 + jitter_s) / per_window)
+
+
+class _ScheduledLimiter(ABC):
+    """The caller side shared by both backends: acquire, sleep out the reservation, release."""
+
+    def __init__(
+        self, rate: float, max_in_flight: int, *, jitter_s: float, horizon_s: float
+    ) -> None:
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        if horizon_s <= 0:
+            raise ValueError("horizon_s must be positive")
+        self.rate = rate
+        self.max_in_flight = max_in_flight
+        self.jitter_s = jitter_s
+        self.horizon_s = horizon_s
+        self.interval_s = grant_interval(rate, jitter_s)
+        self._late_tolerance_s = jitter_s * _LATE_SHARE
+        # A pause this process set itself is honoured at once, even by threads that already
+        # hold a reservation (the fleet-wide one only stops new reservations).
+        self._local_pause = 0.0
+        self._counter_lock = threading.Lock()
+        self._grants = 0
+        self._wait_s = 0.0
+        self._rescheduled = 0
+
+    # -- backend primitives ----------------------------------------------------------------
+
+    @abstractmethod
+    def _try(self, holder: str, has_slot: bool) -> tuple[int, float]:
+        """One atomic step: (status, seconds). GRANTED: wait this long, then go."""
+
+    @abstractmethod
+    def _release(self, holder: str) -> None:
+        """Give the in-flight slot back (a no-op if it is no longer held)."""
+
+    @abstractmethod
+    def _wait_free(self, timeout_s: float) -> None:
+        """Block until an in-flight slot may have been freed (or the timeout)."""
+
+    @abstractmethod
+    def pause_until(self, unix_ts: float) -> None: ...
+
+    @abstractmethod
+    def paused_until(self) -> float | None: ...
+
+    # -- public interface ------------------------------------------------------------------
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        holder = self._acquire()
+        LIMITER_IN_FLIGHT.inc()
+        try:
+            yield
+        finally:
+            LIMITER_IN_FLIGHT.dec()
+            self._release(holder)
+
+    def _note_local_pause(self, unix_ts: float) -> None:
+        with self._counter_lock:
+            self._local_pause = max(self._local_pause, unix_ts)
+
+    def stats(self) -> LimiterStats:
+        with self._counter_lock:
+            return LimiterStats(self._grants, self._wait_s, self._rescheduled)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _acquire(self) -> str:
+        holder = uuid.uuid4().hex
+        started = time.monotonic()
+        has_slot = False
+        late_count = 0
+        try:
+            while True:
+                local_pause = self._local_pause - time.time()
+                if local_pause > 0:
+                    if has_slot:
+                        self._release(holder)
+                        has_slot = False
+                    time.sleep(min(local_pause, _MAX_SLEEP_S))
+                    continue
+                before = time.monotonic()
+                status, seconds = self._try(holder, has_slot)
+                after = time.monotonic()
+                if status == _PAUSED:
+                    has_slot = False  # the backend dropped it: nobody holds slots in a pause
+                    time.sleep(min(seconds, _MAX_SLEEP_S))
+                    continue
+                if status == _FULL:
+                    self._wait_free(seconds)
+                    continue
+                has_slot = True
+                if status == _DEFER:
+                    # The schedule is full beyond the horizon: come back later rather than hold
+                    # a reservation far in the future.
+                    time.sleep(min(seconds, _MAX_SLEEP_S))
+                    continue
+                # Sleep from the reply (never early); judge lateness from the request (the
+                # backend's "now" was no earlier than `before`), so a slow reply counts as late.
+                delay = after + seconds - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                late = time.monotonic() - (before + seconds)
+                if self._local_pause > time.time():
+                    continue
+                if late > self._late_tolerance_s and late_count < _MAX_RESCHEDULES:
+                    late_count += 1
+                    with self._counter_lock:
+                        self._rescheduled += 1
+                    continue
+                waited = time.monotonic() - started
+                LIMITER_WAIT.observe(waited)
+                with self._counter_lock:
+                    self._grants += 1
+                    self._wait_s += waited
+                return holder
+        except BaseException:
+            if has_slot:
+                self._release(holder)
+            raise
+
+
+class LocalLimiter(_ScheduledLimiter):
+    """The same limiter for the threads of one process (embedded mode), on time.monotonic."""
+
+    def __init__(
+        self,
+        rate: float,
+        max_in_flight: int,
+        *,
+        jitter_s: float = 0.02,
+        horizon_s: float = 1.0,
+    ) -> None:
+        super().__init__(rate, max_in_flight, jitter_s=jitter_s, horizon_s=horizon_s)
+        self._cond = threading.Condition()
+        self._holders: set[str] = set()
+        self._tat = 0.0  # monotonic time of the next free grant
+        self._pause = 0.0  # unix seconds
+
+    def pause_until(self, unix_ts: float) -> None:
+        self._note_local_pause(unix_ts)
+        with self._cond:
+            self._pause = max(self._pause, unix_ts)
+
+    def paused_until(self) -> float | None:
+        with self._cond:
+            return self._pause if self._pause > time.time() else None
+
+    def _try(self, holder: str, has_slot: bool) -> tuple[int, float]:
+        with self._cond:
+            while True:
+                pause = self._pause - time.time()
+                if pause > 0:
+                    if has_slot:
+                        self._drop(holder)
+                    return _PAUSED, pause
+                if has_slot or len(self._holders) < self.max_in_flight:
+                    break
+                # Waiting inside the lock: a release cannot slip in between check and wait.
+                self._cond.wait(0.5)
+            self._holders.add(holder)
+            now = time.monotonic()
+            at = max(now, self._tat)
+            if at - now > self.horizon_s:
+                return _DEFER, at - now - self.horizon_s
+            self._tat = at + self.interval_s
+            return _GRANTED, at - now
+
+    def _drop(self, holder: str) -> None:
+        if holder in self._holders:
+            self._holders.discard(holder)
+            self._cond.notify()
+
+    def _release(self, holder: str) -> None:
+        with self._cond:
+            self._drop(holder)
+
+    def _wait_free(self, timeout_s: float) -> None:
+        # Unused in practice: _try waits for a free slot itself, under the lock.
+        with self._cond:
+            self._cond.wait(min(timeout_s, 0.5))
+
+
+# KEYS: schedule (next free grant, µs), holders (zset: holder -> lease expiry µs), pause (µs),
+# marker (present while the state is intact). All times are the Redis server's clock.
+# ARGV: holder, has_slot, max_in_flight, lease_us, interval_us, horizon_us.
+# Returns {status, microseconds, reserved_at_us}.
+_ACQUIRE_LUA = """
+local function num(x) return string.format('%.0f', x) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local holder = ARGV[1]
+local has_slot = ARGV[2] == '1'
+local max_in_flight = tonumber(ARGV[3])
+local lease = tonumber(ARGV[4])
+local interval = tonumber(ARGV[5])
+local horizon = tonumber(ARGV[6])
+
+-- A fleet-wide pause (45011): nobody reserves, and a waiting holder gives its slot back.
+local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
+if pause > now then
+  if has_slot then redis.call('ZREM', KEYS[2], holder) end
+  return {1, pause - now, 0}
+end
+
+-- In-flight slots are leases: a crashed holder's slot comes back when its lease runs out.
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now))
+if not has_slot and redis.call('ZCARD', KEYS[2]) >= max_in_flight then
+  local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
+  return {2, tonumber(first[2]) - now, 0}
+end
+redis.call('ZADD', KEYS[2], num(now + lease), holder)
+redis.call('PEXPIRE', KEYS[2], num(math.ceil(lease / 1000) + 1000))
+
+local tat = tonumber(redis.call('GET', KEYS[1]) or '-1')
+if tat < 0 then
+  if redis.call('EXISTS', KEYS[4]) == 0 then
+    -- State lost (first start, FLUSHDB, restart): grants reserved before may still fire up
+    -- to the horizon from now; begin after the last of them.
+    tat = now + horizon + interval
+    redis.call('SET', KEYS[4], '1')
+  else
+    -- The key expired while idle: the last grant is long past, no credit to carry.
+    tat = now
+  end
+end
+local at = math.max(now, tat)
+local deferred = at - now > horizon
+local next_tat = at + interval
+if deferred then next_tat = tat end
+-- Expire a second after the schedule's end: by then restarting at "now" is safe.
+redis.call('SET', KEYS[1], num(next_tat), 'PX', num(math.ceil((next_tat - now) / 1000) + 1000))
+if deferred then
+  return {3, at - now - horizon, 0}
+end
+return {0, at - now, at}
+"""
+
+# KEYS: holders, freed (list of wake-up tokens). ARGV: holder, max_in_flight.
+_RELEASE_LUA = """
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
+  redis.call('LPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[2]) - 1)
+  redis.call('PEXPIRE', KEYS[2], 60000)
+end
+return 1
+"""
+
+# KEYS: pause. ARGV: until_us (0: only read). Returns the pause end in µs, or 0 if none.
+_PAUSE_LUA = """
+local function num(x) return string.format('%.0f', x) end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local until_us = math.max(tonumber(redis.call('GET', KEYS[1]) or '0'), tonumber(ARGV[1]))
+if until_us <= now then return 0 end
+if tonumber(ARGV[1]) > 0 then
+  redis.call('SET', KEYS[1], num(until_us), 'PX', num(math.ceil((until_us - now) / 1000) + 1000))
+end
+return until_us
+"""
+
+
+class RedisLimiter(_ScheduledLimiter):
+    """One limiter for every process on every machine sharing `prefix` in one Redis.
+
+    All processes sharing a prefix must use the same rate, jitter and horizon.
+    `lease_s` must exceed the longest time a slot is held (the Midas request timeout plus the
+    horizon); it is how long a crashed holder's slot stays taken.
+    """
+
+    def __init__(
+        self,
+        redis_client: redis.Redis,
+        rate: float,
+        max_in_flight: int,
+        *,
+        prefix: str = "midas:limiter",
+        jitter_s: float = 0.02,
+        horizon_s: float = 1.0,
+        lease_s: float = 60.0,
+    ) -> None:
+        super().__init__(rate, max_in_flight, jitter_s=jitter_s, horizon_s=horizon_s)
+        if lease_s <= horizon_s:
+            raise ValueError("lease_s must exceed horizon_s")
+        self._redis = redis_client
+        self.lease_s = lease_s
+        # A hash tag keeps every key in one Redis Cluster slot, as a multi-key script needs.
+        base = "{" + prefix + "}"
+        self._k_schedule = f"{base}:schedule"
+        self._k_holders = f"{base}:holders"
+        self._k_pause = f"{base}:pause"
+        self._k_marker = f"{base}:state"
+        self._k_freed = f"{base}:freed"
+        # register_script runs EVALSHA and reloads the script on NOSCRIPT (e.g. after a restart).
+        self._acquire_script = redis_client.register_script(_ACQUIRE_LUA)
+        self._release_script = redis_client.register_script(_RELEASE_LUA)
+        self._pause_script = redis_client.register_script(_PAUSE_LUA)
+        self._interval_us = math.ceil(self.interval_s * 1e6)
+        self._horizon_us = math.ceil(horizon_s * 1e6)
+        self._lease_us = math.ceil(lease_s * 1e6)
+
+    def _reserve(self, holder: str, has_slot: bool) -> tuple[int, int, int]:
+        """One acquire step: (status, µs, the reserved moment in Redis µs when granted)."""
+        reply: Any = self._acquire_script(
+            keys=[self._k_schedule, self._k_holders, self._k_pause, self._k_marker],
+            args=[
+                holder,
+                "1" if has_slot else "0",
+                self.max_in_flight,
+                self._lease_us,
+                self._interval_us,
+                self._horizon_us,
+            ],
+        )
+        return int(reply[0]), int(reply[1]), int(reply[2])
+
+    def _try(self, holder: str, has_slot: bool) -> tuple[int, float]:
+        status, micros, _ = self._reserve(holder, has_slot)
+        return status, micros / 1e6
+
+    def _release(self, holder: str) -> None:
+        try:
+            self._release_script(
+                keys=[self._k_holders, self._k_freed], args=[holder, self.max_in_flight]
+            )
+        except Exception:  # never mask the caller's own exception
+            # The lease runs out on its own; the slot is only late to come back.
+            log.warning("limiter_release_failed", exc_info=True)
+
+    def _wait_free(self, timeout_s: float) -> None:
+        # Releases push a token; BLPOP wakes the longest waiter without polling. The timeout
+        # covers leases that expire (crashed holders push nothing) and lost tokens.
+        # Kept short so a client with a modest socket_timeout never times out on it.
+        self._redis.blpop([self._k_freed], timeout=min(max(timeout_s, 0.01), 0.5))
+
+    def pause_until(self, unix_ts: float) -> None:
+        self._note_local_pause(unix_ts)
+        self._pause_script(keys=[self._k_pause], args=[math.ceil(unix_ts * 1e6)])
+
+    def paused_until(self) -> float | None:
+        reply: Any = self._pause_script(keys=[self._k_pause], args=[0])
+        return int(reply) / 1e6 if int(reply) else None
+
+
+def make_limiter(settings: Settings, redis: redis.Redis | None = None) -> Limiter:
+    """The fleet limiter when REDIS_URL is set, else the in-process one (embedded mode)."""
+    rate, cap = settings.MIDAS_RATE_LIMIT, settings.MIDAS_MAX_IN_FLIGHT
+    if settings.REDIS_URL is None:
+        return LocalLimiter(rate, cap)
+    if redis is None:
+        import redis as redis_lib
+
+        redis = redis_lib.Redis.from_url(
+            settings.REDIS_URL, socket_timeout=10.0, socket_connect_timeout=5.0
+        )
+    # A slot is held for the reservation wait (<= 1 s) plus one request; requests' timeout
+    # is per read, so allow several of them before a silent holder is presumed dead.
+    return RedisLimiter(redis, rate, cap, lease_s=max(60.0, 4 * settings.MIDAS_TIMEOUT_S))
