@@ -1,0 +1,1 @@
+"""Alembic scripts; installed as `worker.migrations` (see pyproject.toml)."""

@@ -1,0 +1,1 @@
+"""Date-prefixed revisions: YYYYMMDD_NNNN_slug.py."""

@@ -1,0 +1,226 @@
+"""The migrations build exactly the schema the models declare, on Postgres and on SQLite."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy.exc import IntegrityError
+
+from worker.db import migrate
+from worker.db.models import Base, MismatchCase, Run
+from worker.db.session import make_engine, session_scope
+
+pytestmark = pytest.mark.integration
+
+TABLES = {t.name for t in Base.metadata.sorted_tables}
+
+
+def tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+    finally:
+        engine.dispose()
+
+
+def test_models_and_migrations_agree_on_postgres(pg_url: str) -> None:
+    migrate.check(pg_url)
+    assert migrate.current(pg_url) == migrate.head()
+
+
+def test_models_and_migrations_agree_on_sqlite(sqlite_url: str) -> None:
+    migrate.check(sqlite_url)
+    assert migrate.current(sqlite_url) == migrate.head()
+
+
+def test_check_notices_a_difference(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'drift.db'}"
+    migrate.upgrade(url)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text("DROP INDEX ix_ledger_entries_account_time"))
+    engine.dispose()
+    with pytest.raises(migrate.SchemaMismatch, match="add_index ix_ledger_entries_account_time"):
+        migrate.check(url)
+
+
+def test_check_refuses_a_database_behind_head(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    migrate.upgrade(url, "20261124_0001")
+    with pytest.raises(migrate.SchemaMismatch, match="not up to date"):
+        migrate.check(url)
+
+
+def test_upgrade_downgrade_upgrade_on_postgres(scratch_pg_url: str) -> None:
+    url = scratch_pg_url
+    assert migrate.current(url) is None
+    migrate.upgrade(url)
+    assert tables(url) == TABLES
+    migrate.downgrade(url, "base")
+    assert tables(url) == set()
+    assert migrate.current(url) is None
+    migrate.upgrade(url)
+    assert tables(url) == TABLES
+    migrate.check(url)
+    migrate.upgrade(url)  # at head already: a no-op
+    assert migrate.current(url) == migrate.head()
+
+
+def test_upgrade_downgrade_upgrade_on_sqlite(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'roundtrip.db'}"
+    migrate.upgrade(url)
+    assert tables(url) == TABLES
+    migrate.downgrade(url, "base")
+    assert tables(url) == set()
+    migrate.upgrade(url)
+    assert tables(url) == TABLES
+    migrate.check(url)
+
+
+# -- the DDL itself, beyond what `alembic check` compares (check constraints, partial indexes)
+
+
+def _sqlite_ddl(engine: Engine) -> dict[str, list[str]]:
+    """Each table's and index's CREATE statement as a sorted list of its clauses."""
+    with engine.connect() as conn:
+        found = conn.execute(
+            text(
+                "SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'index')"
+                " AND sql IS NOT NULL AND name <> 'alembic_version'"
+            )
+        ).all()
+    return {
+        name: sorted(part.strip().rstrip(",") for part in sql.splitlines()) for name, sql in found
+    }
+
+
+def test_sqlite_ddl_is_what_the_models_declare(sqlite_url: str, tmp_path: Path) -> None:
+    declared = create_engine(f"sqlite:///{tmp_path / 'declared.db'}")
+    Base.metadata.create_all(declared)
+    migrated = make_engine(sqlite_url)
+    try:
+        assert _sqlite_ddl(migrated) == _sqlite_ddl(declared)
+    finally:
+        declared.dispose()
+        migrated.dispose()
+
+
+_PG_CATALOG = {
+    "columns": """
+        SELECT table_name, column_name, data_type, character_maximum_length, is_nullable,
+               column_default
+        FROM information_schema.columns
+        JOIN information_schema.tables USING (table_schema, table_name)
+        WHERE table_schema = 'public' AND table_type = 'BASE TABLE'""",
+    "constraints": """
+        SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid)
+        FROM pg_constraint WHERE connamespace = 'public'::regnamespace""",
+    "indexes": """
+        SELECT tablename, indexname, indexdef FROM pg_indexes
+        WHERE schemaname = 'public' AND tablename <> 'alembic_version'""",
+}
+
+
+def _pg_catalog(url: str) -> dict[str, set[tuple[object, ...]]]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            out = {}
+            for what, sql in _PG_CATALOG.items():
+                rows = conn.execute(text(sql)).all()
+                # The views of later migrations are not models; alembic_version is Alembic's.
+                out[what] = {tuple(row) for row in rows if "alembic_version" not in str(row)}
+            return out
+    finally:
+        engine.dispose()
+
+
+def test_postgres_ddl_is_what_the_models_declare(pg_url: str, scratch_pg_url: str) -> None:
+    declared = make_engine(scratch_pg_url)
+    Base.metadata.create_all(declared)
+    declared.dispose()
+    assert _pg_catalog(pg_url) == _pg_catalog(scratch_pg_url)
+
+
+# -- the partial unique indexes behave the same on both dialects
+
+
+def test_one_nightly_run_per_date_and_one_open_case_per_check(any_db_url: str) -> None:
+    day = dt.date(2026, 11, 24)
+    now = dt.datetime(2026, 11, 24, 2, 30, tzinfo=dt.UTC)
+
+    def run(kind: str) -> Run:
+        return Run(business_date=day, kind=kind, trigger="test", api_version="v1")
+
+    with session_scope(any_db_url) as session:
+        session.add_all([run("nightly"), run("recheck"), run("recheck")])
+    with pytest.raises(IntegrityError), session_scope(any_db_url) as session:
+        session.add(run("nightly"))
+
+    def case(status: str) -> MismatchCase:
+        return MismatchCase(
+            openid="o1",
+            zone_id="1",
+            check="balance",
+            status=status,
+            midas_value=1,
+            ledger_value=0,
+            delta=1,
+            first_seen_at=now,
+            last_seen_at=now,
+        )
+
+    with session_scope(any_db_url) as session:
+        session.add_all([case("cleared"), case("resolved"), case("resolved"), case("suspected")])
+    with pytest.raises(IntegrityError), session_scope(any_db_url) as session:
+        session.add(case("confirmed"))
+
+
+@pytest.mark.parametrize(
+    ("sql", "constraint"),
+    [
+        (
+            "INSERT INTO ledger_entries (bill_no, openid, zone_id, kind, amount, occurred_at)"
+            " VALUES ('B1', 'o1', '1', 'refund', 5, CURRENT_TIMESTAMP)",
+            "ck_ledger_entries_kind",
+        ),
+        (
+            "INSERT INTO ledger_entries (bill_no, openid, zone_id, kind, amount, occurred_at)"
+            " VALUES ('B1', 'o1', '1', 'save', 0, CURRENT_TIMESTAMP)",
+            "ck_ledger_entries_amount_positive",
+        ),
+    ],
+)
+def test_the_ledger_table_refuses_what_is_never_right(
+    any_db_url: str, sql: str, constraint: str
+) -> None:
+    # The game may write this table directly: the database itself holds the line.
+    engine = make_engine(any_db_url)
+    try:
+        with pytest.raises(IntegrityError) as caught, engine.begin() as conn:
+            conn.execute(text(sql))
+        assert re.search(constraint, str(caught.value)) or engine.dialect.name == "sqlite"
+    finally:
+        engine.dispose()
+
+
+def test_two_upgrades_at_once_both_succeed_on_postgres(scratch_pg_url: str) -> None:
+    # Every container may run `db upgrade` on start; the advisory lock in env.py serialises
+    # them, so the second finds the schema built instead of failing on CREATE TABLE.
+    # Processes, not threads: Alembic's `op` and `context` are process-wide.
+    code = "import sys; from worker.db.migrate import upgrade; upgrade(sys.argv[1])"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, scratch_pg_url], stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    assert migrate.current(scratch_pg_url) == migrate.head()
+    migrate.check(scratch_pg_url)

@@ -1,0 +1,191 @@
+"""`db upgrade|check`, `accounts import|rekey`, `ledger import`: the schema and the game's data.
+
+Imports are one transaction per file: a bad row rejects the whole file (exit 2) with its row
+number and reason, and nothing is stored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from sqlalchemy.engine import make_url
+
+from worker.cli.base import JobFailed, UsageError, cli, database_errors, handle_errors, settings
+
+
+def _where(url: str) -> str:
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _input_file(path: Path) -> Path:
+    if not path.is_file():
+        raise UsageError(f"{path}: no such file")
+    return path
+
+
+# -- db -------------------------------------------------------------------------------------
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The database schema (DATABASE_URL): apply and check the Alembic migrations."""
+
+
+@db_group.command("upgrade")
+@click.option(
+    "--revision",
+    default="head",
+    show_default=True,
+    help="Migrate up to this revision id (e.g. 20261124_0001).",
+)
+@handle_errors
+def db_upgrade(revision: str) -> None:
+    """Apply the migrations; safe to run again (and from several processes at once)."""
+    from alembic.util.exc import CommandError
+
+    from worker.db.migrate import current, upgrade
+
+    url = settings().DATABASE_URL
+    with database_errors():
+        before = current(url)
+        try:
+            upgrade(url, revision)
+        except CommandError as exc:  # an unknown revision id
+            raise UsageError(str(exc)) from None
+        after = current(url)
+    if before == after:
+        click.echo(f"database {_where(url)} already at {after}; nothing to do")
+    else:
+        click.echo(f"database {_where(url)} upgraded from {before or 'empty'} to {after}")
+
+
+@db_group.command("check")
+@handle_errors
+def db_check() -> None:
+    """Exit 0 when the database is at the newest migration and matches the models, else 1."""
+    from worker.db.migrate import SchemaMismatch, check
+
+    url = settings().DATABASE_URL
+    with database_errors():
+        try:
+            check(url)
+        except SchemaMismatch as exc:
+            raise JobFailed(str(exc)) from None
+    click.echo(f"database {_where(url)} matches the models")
+
+
+# -- accounts -------------------------------------------------------------------------------
+
+
+@cli.group("accounts")
+def accounts_group() -> None:
+    """The accounts to reconcile and their session keys (encrypted at rest)."""
+
+
+@accounts_group.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@handle_errors
+def accounts_import(file: Path) -> None:
+    """Upsert accounts from a CSV file with header openid,zone_id,session_key,last_active_at.
+
+    session_key and last_active_at are optional (columns or cells). Timestamps are ISO 8601
+    with a UTC offset, e.g. 2026-11-24T10:00:00+08:00. Re-importing is harmless: activity only
+    moves forward and a stored session key is replaced only by a newer one (dated by the row's
+    last_active_at, else by the import). Session keys need SESSION_KEY_ENCRYPTION_KEY.
+    """
+    from worker.db.accounts import upsert_accounts
+    from worker.db.crypto import SessionKeyCipher
+    from worker.db.session import session_scope
+    from worker.recon.intake import IntakeError, read_accounts_csv
+
+    cfg = settings()
+    cipher = SessionKeyCipher.from_settings(cfg) if cfg.SESSION_KEY_ENCRYPTION_KEY else None
+    try:
+        rows = read_accounts_csv(_input_file(file), cipher=cipher)
+        with database_errors(), session_scope(cfg.DATABASE_URL) as session:
+            result = upsert_accounts(session, rows)
+    except IntakeError as exc:
+        raise UsageError(f"{file}: {exc}; nothing was imported") from None
+    click.echo(f"{file}: {result.total} accounts, {result.new} new, {result.updated} updated")
+
+
+@accounts_group.command("rekey")
+@click.option(
+    "--batch-size",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1, 100_000),
+    help="Accounts per transaction.",
+)
+@handle_errors
+def accounts_rekey(batch_size: int) -> None:
+    """Re-encrypt every stored session key with the newest SESSION_KEY_ENCRYPTION_KEY.
+
+    To rotate: put the new key first in SESSION_KEY_ENCRYPTION_KEY (new,old), run this, then
+    remove the old key. Safe to interrupt and run again. Exits 1 if some keys open with none
+    of the configured keys (their account ids are listed; the keys are left as they are).
+    """
+    from worker.db.accounts import rekey_session_keys
+    from worker.db.crypto import SessionKeyCipher
+    from worker.db.session import session_scope
+
+    cfg = settings()
+    cipher = SessionKeyCipher.from_settings(cfg)
+    last_id = rekeyed = current = 0
+    undecryptable: list[int] = []
+    with database_errors():
+        while True:
+            with session_scope(cfg.DATABASE_URL) as session:
+                batch = rekey_session_keys(session, cipher, after_id=last_id, limit=batch_size)
+            last_id = batch.last_id
+            rekeyed += batch.rekeyed
+            current += batch.current
+            undecryptable.extend(batch.undecryptable)
+            if batch.finished:
+                break
+    click.echo(f"session keys: {rekeyed} re-encrypted, {current} already on the newest key")
+    if undecryptable:
+        shown = ", ".join(str(i) for i in undecryptable[:20])
+        more = f" and {len(undecryptable) - 20} more" if len(undecryptable) > 20 else ""
+        raise JobFailed(
+            f"{len(undecryptable)} session keys open with no configured key (account ids "
+            f"{shown}{more}); add the key that made them to SESSION_KEY_ENCRYPTION_KEY"
+        )
+
+
+# -- ledger ---------------------------------------------------------------------------------
+
+
+@cli.group("ledger")
+def ledger_group() -> None:
+    """The game's own coin ledger, which the reconciliation compares Midas against."""
+
+
+@ledger_group.command("import")
+@click.argument("file", type=click.Path(path_type=Path))
+@handle_errors
+def ledger_import(file: Path) -> None:
+    """Import a CSV file with header bill_no,openid,zone_id,kind,amount,occurred_at.
+
+    kind is save (top-up), cost (spend), cancel (reversal of a spend) or present (gift);
+    amount is a positive whole number of coins; occurred_at is ISO 8601 with a UTC offset.
+    One transaction: a bad row rejects the file. Rows already stored identically are skipped,
+    so re-importing is harmless; a known bill_no with different content is an error. The game
+    may also insert into the ledger_entries table directly (docs).
+    """
+    from worker.db.ledger import LedgerConflict, import_entries
+    from worker.db.session import session_scope
+    from worker.recon.intake import IntakeError, read_ledger_csv
+
+    cfg = settings()
+    try:
+        rows = read_ledger_csv(_input_file(file))
+        with database_errors(), session_scope(cfg.DATABASE_URL) as session:
+            result = import_entries(session, rows)
+    except (IntakeError, LedgerConflict) as exc:
+        raise UsageError(f"{file}: {exc}; nothing was imported") from None
+    click.echo(
+        f"{file}: {result.inserted + result.already_present} entries, {result.inserted} new, "
+        f"{result.already_present} already present"
+    )

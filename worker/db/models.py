@@ -1,0 +1,278 @@
+"""Typed models on one base. Every schema change goes through an Alembic migration.
+
+Money is integer coins (BIGINT). Timestamps are timezone-aware UTC (`UTCDateTime` makes SQLite
+behave like Postgres here). Relationships are `lazy="raise"`: all SQL is explicit.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# BIGINT on Postgres; SQLite only auto-increments a column declared exactly INTEGER.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+Coins = BigInteger  # integer coins, never floats
+
+SNAPSHOT_STATUSES = ("ok", "unobservable", "error")
+LEDGER_KINDS = ("save", "cost", "cancel", "present")
+RUN_KINDS = ("nightly", "recheck", "confirm")
+RUN_STATUSES = ("planning", "running", "complete", "incomplete", "failed")
+ITEM_STATES = ("pending", "claimed", "done")
+CASE_STATUSES = ("suspected", "confirmed", "cleared", "resolved", "acknowledged")
+OPEN_CASE_STATUSES = ("suspected", "confirmed", "acknowledged")
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware in and out; naive datetimes are refused rather than guessed."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: timestamps must carry a time zone")
+        return value.astimezone(dt.UTC)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:  # SQLite hands back what it stored: UTC without the offset
+            return value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {dt.datetime: UTCDateTime()}
+
+    def __repr__(self) -> str:  # ids only: a repr must never carry a session key or a value
+        ident = getattr(self, "id", None)
+        return f"<{type(self).__name__} id={ident}>"
+
+
+class Account(Base):
+    """Who to reconcile. Filled by `accounts import` and the `record_login` task."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        UniqueConstraint("openid", "zone_id"),
+        Index("ix_accounts_last_active_at", "last_active_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    openid: Mapped[str] = mapped_column(String(128))
+    zone_id: Mapped[str] = mapped_column(String(64), server_default="1")
+    last_active_at: Mapped[dt.datetime | None]
+    # Fernet token of the session_key (never the key in clear); null when none is known.
+    session_key_enc: Mapped[str | None] = mapped_column(Text)
+    session_key_updated_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+
+
+class LedgerEntry(Base):
+    """The game's own record of coin movements; the game may insert here directly."""
+
+    __tablename__ = "ledger_entries"
+    __table_args__ = (
+        CheckConstraint(_in("kind", LEDGER_KINDS), name="kind"),
+        CheckConstraint("amount > 0", name="amount_positive"),
+        # Per-account totals up to a time read only this index's range, never the whole ledger.
+        Index("ix_ledger_entries_account_time", "openid", "zone_id", "occurred_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    bill_no: Mapped[str] = mapped_column(String(128), unique=True)
+    openid: Mapped[str] = mapped_column(String(128))
+    zone_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    amount: Mapped[int] = mapped_column(Coins)
+    occurred_at: Mapped[dt.datetime]
+    # When the row reached us; the ledger scan for rechecks walks `id`, this is for people.
+    recorded_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+
+
+class Run(Base):
+    """One reconciliation pass: the nightly run of a business date, or a recheck/confirm."""
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        CheckConstraint(_in("kind", RUN_KINDS), name="kind"),
+        CheckConstraint(_in("status", RUN_STATUSES), name="status"),
+        # One nightly run per business date: a second start is a no-op, even from two beats.
+        Index(
+            "uq_runs_nightly_business_date",
+            "business_date",
+            unique=True,
+            postgresql_where=text("kind = 'nightly'"),
+            sqlite_where=text("kind = 'nightly'"),
+        ),
+        Index("ix_runs_status", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    business_date: Mapped[dt.date] = mapped_column(Date)
+    kind: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(32))  # beat, cli, demo, payment, ledger-scan…
+    status: Mapped[str] = mapped_column(String(16), server_default="planning")
+    api_version: Mapped[str] = mapped_column(String(2))
+    planned: Mapped[int] = mapped_column(Integer, server_default="0")
+    ok: Mapped[int] = mapped_column(Integer, server_default="0")
+    unobservable: Mapped[int] = mapped_column(Integer, server_default="0")
+    error: Mapped[int] = mapped_column(Integer, server_default="0")
+    mismatches_opened: Mapped[int] = mapped_column(Integer, server_default="0")
+    failure_reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+    started_at: Mapped[dt.datetime | None]
+    finished_at: Mapped[dt.datetime | None]
+
+
+class RunItem(Base):
+    """One account to fetch in one run; `done` only after its snapshot is stored."""
+
+    __tablename__ = "run_items"
+    __table_args__ = (
+        CheckConstraint(_in("state", ITEM_STATES), name="state"),
+        Index("ix_run_items_run_state", "run_id", "state"),
+    )
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16), server_default="pending")
+    # When a batch claimed it; a claim older than the visibility window is taken back.
+    claimed_at: Mapped[dt.datetime | None]
+    outcome: Mapped[str | None] = mapped_column(String(16))  # the snapshot status once done
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+
+
+class BalanceSnapshot(Base):
+    """What Midas said, insert-only; finance queries this table (PRODUCT.md §4)."""
+
+    __tablename__ = "balance_snapshots"
+    __table_args__ = (
+        UniqueConstraint("run_id", "openid", "zone_id"),
+        CheckConstraint(_in("status", SNAPSHOT_STATUSES), name="status"),
+        # An unanswered question is never a zero: values exist exactly when status is ok.
+        CheckConstraint(
+            "(status = 'ok' AND balance IS NOT NULL AND gen_balance IS NOT NULL"
+            " AND save_amt IS NOT NULL AND save_sum IS NOT NULL AND cost_sum IS NOT NULL"
+            " AND present_sum IS NOT NULL AND first_save IS NOT NULL)"
+            " OR (status <> 'ok' AND balance IS NULL AND gen_balance IS NULL"
+            " AND save_amt IS NULL AND save_sum IS NULL AND cost_sum IS NULL"
+            " AND present_sum IS NULL AND first_save IS NULL)",
+            name="values_iff_ok",
+        ),
+        Index("ix_balance_snapshots_account_time", "openid", "zone_id", "fetched_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    openid: Mapped[str] = mapped_column(String(128))
+    zone_id: Mapped[str] = mapped_column(String(64))
+    fetched_at: Mapped[dt.datetime]
+    status: Mapped[str] = mapped_column(String(16))
+    errcode: Mapped[int | None] = mapped_column(Integer)
+    errmsg: Mapped[str | None] = mapped_column(Text)
+    balance: Mapped[int | None] = mapped_column(Coins)
+    gen_balance: Mapped[int | None] = mapped_column(Coins)
+    save_amt: Mapped[int | None] = mapped_column(Coins)
+    save_sum: Mapped[int | None] = mapped_column(Coins)
+    cost_sum: Mapped[int | None] = mapped_column(Coins)
+    present_sum: Mapped[int | None] = mapped_column(Coins)
+    first_save: Mapped[bool | None] = mapped_column(Boolean)
+    api_version: Mapped[str] = mapped_column(String(2))
+
+
+class MismatchCase(Base):
+    """One disagreement per (openid, zone_id, check) while open; never deleted."""
+
+    __tablename__ = "mismatch_cases"
+    __table_args__ = (
+        CheckConstraint(_in("status", CASE_STATUSES), name="status"),
+        Index(
+            "uq_mismatch_cases_open",
+            "openid",
+            "zone_id",
+            "check",
+            unique=True,
+            postgresql_where=text(_in("status", OPEN_CASE_STATUSES)),
+            sqlite_where=text(_in("status", OPEN_CASE_STATUSES)),
+        ),
+        Index("ix_mismatch_cases_status_due", "status", "confirm_due_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    openid: Mapped[str] = mapped_column(String(128))
+    zone_id: Mapped[str] = mapped_column(String(64))
+    check: Mapped[str] = mapped_column(String(32))  # a check name of PRODUCT.md §5
+    status: Mapped[str] = mapped_column(String(16))
+    midas_value: Mapped[int] = mapped_column(Coins)  # as last seen
+    ledger_value: Mapped[int] = mapped_column(Coins)
+    delta: Mapped[int] = mapped_column(Coins)  # midas_value - ledger_value
+    first_seen_at: Mapped[dt.datetime]
+    last_seen_at: Mapped[dt.datetime]
+    opened_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    # When a suspected case's confirming re-fetch is due (first_seen + settle window).
+    confirm_due_at: Mapped[dt.datetime | None]
+
+
+class MismatchEvent(Base):
+    """Append-only history of a case: every transition, who made it and the numbers seen."""
+
+    __tablename__ = "mismatch_events"
+    __table_args__ = (Index("ix_mismatch_events_case_id", "case_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    case_id: Mapped[int] = mapped_column(ForeignKey("mismatch_cases.id"))
+    at: Mapped[dt.datetime]
+    actor: Mapped[str] = mapped_column(String(64))  # "system" or "operator:<name>"
+    from_status: Mapped[str | None] = mapped_column(String(16))  # null for the opening event
+    to_status: Mapped[str] = mapped_column(String(16))
+    midas_value: Mapped[int | None] = mapped_column(Coins)
+    ledger_value: Mapped[int | None] = mapped_column(Coins)
+    snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("balance_snapshots.id"))
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    note: Mapped[str | None] = mapped_column(Text)
+
+
+class Cursor(Base):
+    """Named high-water marks (e.g. the ledger scan's last seen ledger id)."""
+
+    __tablename__ = "cursors"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[dt.datetime]

@@ -1,0 +1,65 @@
+"""A player logged in: remember the account, its activity and its session key (encrypted).
+
+Called by the Celery task `midas_recon.record_login`, which the game's login handler sends
+after `jscode2session`. Task arguments come from outside, so every one is validated here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+
+from sqlalchemy.orm import Session
+
+from worker.db import crypto
+from worker.db.accounts import AccountRow, upsert_accounts
+from worker.db.crypto import SessionKeyCipher
+from worker.recon.intake import check_openid, check_session_key, check_timestamp, check_zone_id
+
+log = logging.getLogger(__name__)
+
+
+class LoginRejected(ValueError):
+    """The login's arguments are malformed; retrying cannot help. Never holds the key."""
+
+
+def record_login(
+    session: Session,
+    cipher: SessionKeyCipher | None,
+    openid: object,
+    zone_id: object = "1",
+    session_key: object = None,
+    at: object = None,
+) -> None:
+    """Upsert the account: activity moves forward only; a newer session key replaces the old.
+
+    `at` is the login time (ISO 8601 with offset, or an aware datetime), default now. An empty
+    or absent session_key leaves the stored one alone. `cipher` may be None only when no
+    session key is sent.
+    """
+    now = dt.datetime.now(dt.UTC)
+    try:
+        openid = check_openid(openid)
+        zone_id = check_zone_id(zone_id)
+        key = check_session_key(session_key) if session_key not in (None, "") else None
+        when = now if at is None else check_timestamp(at, "at", now=now)
+    except ValueError as exc:
+        raise LoginRejected(str(exc)) from None
+    encrypted = crypto.required(cipher).encrypt(key) if key is not None else None
+    upsert_accounts(
+        session,
+        [
+            AccountRow(
+                openid=openid,
+                zone_id=zone_id,
+                last_active_at=when,
+                session_key_enc=encrypted,
+                session_key_at=when if encrypted else None,
+            )
+        ],
+        now=now,
+    )
+    log.info(
+        "login_recorded",
+        extra={"openid": openid, "zone_id": zone_id, "with_session_key": encrypted is not None},
+    )
