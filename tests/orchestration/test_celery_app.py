@@ -1,0 +1,173 @@
+"""The Celery configuration as the worker sees it: every task's effective options, routes and
+the beat schedule (no broker, no worker: Celery accepts misspelled options silently)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import inspect
+from zoneinfo import ZoneInfo
+
+import pytest
+from celery.schedules import crontab
+from kombu.utils.scheduling import cycle_by_name
+
+import worker.tasks  # noqa: F401  (registers the tasks)
+from worker import celery_app as ca
+from worker.config import load_settings
+
+# The stable interface other systems send to (PRODUCT.md §3, §6; the team brief).
+INTERFACE = {
+    "midas_recon.start_nightly": ["business_date", "trigger"],
+    "midas_recon.fetch_batch": ["run_id", "account_ids", "claim"],
+    "midas_recon.pump": ["run_id"],
+    "midas_recon.finalize": ["run_id"],
+    "midas_recon.sweep": [],
+    "midas_recon.recheck": ["openid", "zone_id", "reason", "bill_no"],
+    "midas_recon.record_login": ["openid", "zone_id", "session_key", "at"],
+    "midas_recon.scan_ledger": [],
+    "midas_recon.confirm_pass": [],
+}
+
+
+def project_tasks() -> dict[str, object]:
+    return {name: t for name, t in ca.app.tasks.items() if name.startswith("midas_recon.")}
+
+
+def test_every_task_is_registered_routed_and_has_the_interface_signature() -> None:
+    assert set(project_tasks()) == set(INTERFACE) == set(ca.TASK_QUEUES)
+    for name, params in INTERFACE.items():
+        task = ca.app.tasks[name]
+        assert list(inspect.signature(task.run).parameters) == params, name
+        route = ca.app.amqp.router.route({}, name)
+        assert route["queue"].name == ca.TASK_QUEUES[name], name
+    # The bulk lane carries only nightly fetch batches; everything else is the fast lane.
+    assert [n for n, q in ca.TASK_QUEUES.items() if q == "nightly"] == ["midas_recon.fetch_batch"]
+
+
+@pytest.mark.parametrize("name", sorted(INTERFACE))
+def test_effective_task_options(name: str) -> None:
+    task = ca.app.tasks[name]
+    assert task.acks_late is True
+    assert task.reject_on_worker_lost is True
+    assert task.ignore_result is True
+    assert task.serializer == "json"
+    assert 0 < task.soft_time_limit < task.time_limit <= ca.LONGEST_HARD_LIMIT_S
+    # Guards against the misspellings Celery would accept without a word.
+    for typo in ("ignore_results", "acks_late_", "time_limits", "soft_timelimit", "queue_name"):
+        assert not hasattr(task, typo)
+    retries = getattr(task, "autoretry_for", ())
+    if retries:  # only tasks nothing else would redo, and never forever
+        assert name in (
+            "midas_recon.start_nightly",
+            "midas_recon.record_login",
+            "midas_recon.recheck",
+        )
+        assert task.max_retries == 5 and task.retry_backoff_max <= ca.MAX_COUNTDOWN_S
+    # A message may wait for its countdown and then run to its hard limit: still within the
+    # visibility timeout, or Redis would deliver it a second time while it runs.
+    assert task.time_limit + ca.MAX_COUNTDOWN_S < ca.VISIBILITY_TIMEOUT_S
+
+
+def test_fetch_batch_budget_fits_its_limits() -> None:
+    from worker.recon.runs import STALE_CLAIM_S, batch_deadline_s
+
+    task = ca.app.tasks["midas_recon.fetch_batch"]
+    assert task.soft_time_limit == ca.FETCH_SOFT_LIMIT_S
+    # A claim older than the hard limit has no live batch behind it: only then is it stale.
+    assert task.time_limit < STALE_CLAIM_S
+    settings = load_settings({"MIDAS_TIMEOUT_S": "5"})
+    assert batch_deadline_s(settings, task.soft_time_limit) + 60 + 2 * 5 < task.soft_time_limit
+
+
+def test_app_configuration() -> None:
+    conf = ca.app.conf
+    assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
+    assert conf.result_serializer == "json"
+    assert conf.task_acks_late and conf.task_reject_on_worker_lost
+    assert conf.worker_prefetch_multiplier == 1
+    assert conf.task_ignore_result is True and not conf.result_backend
+    assert conf.task_default_queue == "nightly"
+    assert [q.name for q in conf.task_queues] == ["recheck", "nightly"]
+    # One binding per queue: a shared (exchange, key) would copy each message to both.
+    for queue in ca.app.amqp.queues.values():
+        assert (queue.exchange.name, queue.routing_key) == (queue.name, queue.name)
+    assert conf.task_create_missing_queues is False
+    assert conf.broker_connection_retry_on_startup is True
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is True
+    options = conf.broker_transport_options
+    assert options["visibility_timeout"] == ca.VISIBILITY_TIMEOUT_S
+    assert options["visibility_timeout"] > ca.LONGEST_HARD_LIMIT_S + ca.MAX_COUNTDOWN_S
+
+
+@pytest.mark.parametrize("given", [["nightly", "recheck"], ["recheck", "nightly"]])
+def test_rechecks_are_polled_first_whatever_the_q_order(given: list[str]) -> None:
+    strategy = ca.app.conf.broker_transport_options["queue_order_strategy"]
+    cycle = cycle_by_name(strategy)()  # how kombu resolves the option
+    cycle.update(list(given))
+    assert cycle.consume(2) == ["recheck", "nightly"]
+    cycle.rotate("recheck")  # kombu rotates after each message; the order must not change
+    assert cycle.consume(2) == ["recheck", "nightly"]
+
+
+def test_beat_schedule_follows_the_settings() -> None:
+    settings = load_settings({"RECON_NIGHTLY_AT": "03:45", "RECON_TIMEZONE": "America/New_York"})
+    app = ca.make_app(settings)
+    assert app.conf.timezone == "America/New_York"
+    schedule = app.conf.beat_schedule
+    assert set(schedule) == {"nightly-start", "sweep", "ledger-scan", "confirm-pass"}
+    for entry in schedule.values():
+        assert entry["task"] in INTERFACE
+        assert entry["options"]["expires"] > 0
+    nightly = schedule["nightly-start"]
+    assert isinstance(nightly["schedule"], crontab)
+    assert nightly["schedule"].hour == {3} and nightly["schedule"].minute == {45}
+    assert nightly["kwargs"] == {"trigger": "beat"}
+    # Bound to the app the way beat binds it, it fires at 03:45 New York time.
+    sched = nightly["schedule"]
+    sched.app = app
+    zone = ZoneInfo("America/New_York")
+    last = dt.datetime(2026, 11, 24, 3, 45, tzinfo=zone)
+    sched.nowfun = lambda: dt.datetime(2026, 11, 25, 3, 40, tzinfo=zone)
+    assert sched.remaining_estimate(last) == dt.timedelta(minutes=5)
+    for name, every in (
+        ("sweep", ca.SWEEP_EVERY_S),
+        ("ledger-scan", ca.LEDGER_SCAN_EVERY_S),
+        ("confirm-pass", ca.CONFIRM_PASS_EVERY_S),
+    ):
+        assert schedule[name]["schedule"] == dt.timedelta(seconds=every)
+        assert every <= 60
+
+
+def test_module_app_uses_the_default_nightly_time() -> None:
+    entry = ca.app.conf.beat_schedule["nightly-start"]["schedule"]
+    settings = load_settings()  # the environment the module app was built from
+    assert entry.hour == {settings.nightly_at.hour}
+    assert entry.minute == {settings.nightly_at.minute}
+
+
+def test_the_task_decorator_refuses_unknown_names_and_bad_limits() -> None:
+    with pytest.raises(KeyError):
+        ca.project_task("no_such_task")
+    with pytest.raises(ValueError):
+        ca.project_task("pump", soft_time_limit=90, time_limit=60)
+    with pytest.raises(ValueError):
+        ca.project_task("pump", soft_time_limit=60, time_limit=ca.LONGEST_HARD_LIMIT_S + 1)
+
+
+@pytest.mark.integration
+def test_each_message_lands_in_its_own_queue_only(redis_url: str) -> None:
+    import redis
+
+    sender = ca.make_app(load_settings({"REDIS_URL": redis_url}))
+    with sender.connection_for_write() as conn:
+        for queue in sender.amqp.queues.values():  # as a worker declares them
+            queue(conn.default_channel).declare()
+        sender.send_task("midas_recon.pump", args=(1,), connection=conn)
+        sender.send_task("midas_recon.fetch_batch", args=(1, [2], "x"), connection=conn)
+        sender.send_task(
+            "midas_recon.fetch_batch", args=(1, [3], "y"), queue="recheck", connection=conn
+        )
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen("recheck") == 2
+    assert client.llen("nightly") == 1
+    client.close()

@@ -1,0 +1,272 @@
+"""All Celery configuration and the beat schedule, in one place.
+
+`celery -A worker worker -Q recheck,nightly` consumes both queues; `celery -A worker beat`
+(exactly one) drives the schedule. Two lanes:
+
+- `recheck`: everything short and latency-sensitive: rechecks after payments, confirming
+  re-fetches, logins, and the control tasks (pump, finalize, scans).
+- `nightly`: the bulk lane, only the fetch batches of nightly runs, kept short by the pump
+  (worker.tasks.pump): the broker holds a few batches of ids, Postgres holds the run's plan.
+
+Rechecks first: a worker polls `recheck` before `nightly` (RechecksFirstCycle), and a process
+takes one message at a time (prefetch 1), so a recheck waits at most for the first process to
+finish its current batch; batches hold ~2 s of the fleet's rate (worker.recon.runs), so that
+is seconds. Kombu's default would alternate between the queues instead.
+
+Concurrency: each process fetches its batch with a thread pool sized to the rate (in-flight
+≈ rate x latency), so a worker needs few processes (2-4; docker-compose runs 4). More
+processes do not raise the fleet's rate, which the limiter caps; they shorten the wait of a
+recheck for a free process.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Final, TypeVar
+
+from celery import Celery, Task, current_task, signals
+from celery.schedules import crontab
+from kombu.entity import Exchange, Queue
+from kombu.utils.scheduling import priority_cycle
+
+from worker.config import ConfigError, Settings, get_settings
+
+RECHECK_QUEUE: Final = "recheck"
+NIGHTLY_QUEUE: Final = "nightly"
+QUEUES: Final = (RECHECK_QUEUE, NIGHTLY_QUEUE)  # consumption order: rechecks first
+
+# Every task, its queue. Routing by name (not by task object) also covers `send_task` from
+# the game's own Celery app and messages queued before a refactor.
+TASK_QUEUES: Final[dict[str, str]] = {
+    "midas_recon.start_nightly": RECHECK_QUEUE,
+    "midas_recon.pump": RECHECK_QUEUE,
+    "midas_recon.sweep": RECHECK_QUEUE,
+    "midas_recon.finalize": RECHECK_QUEUE,
+    "midas_recon.fetch_batch": NIGHTLY_QUEUE,  # recheck/confirm runs pass queue="recheck"
+    "midas_recon.recheck": RECHECK_QUEUE,
+    "midas_recon.record_login": RECHECK_QUEUE,
+    "midas_recon.scan_ledger": RECHECK_QUEUE,
+    "midas_recon.confirm_pass": RECHECK_QUEUE,
+}
+
+# -- time budgets (seconds) -------------------------------------------------------------------
+# A fetch batch stops starting new fetches after BATCH_DEADLINE_S and gives the rest back to
+# the plan, so its soft limit is a backstop and the hard limit a kill for a stuck process.
+BATCH_DEADLINE_S: Final = 240
+FETCH_SOFT_LIMIT_S: Final = 300
+FETCH_HARD_LIMIT_S: Final = 330
+# Planning a million-account night is one INSERT … SELECT: seconds, but give it room.
+PLAN_SOFT_LIMIT_S: Final = 600
+PLAN_HARD_LIMIT_S: Final = 660
+LONGEST_HARD_LIMIT_S: Final = PLAN_HARD_LIMIT_S
+# The longest countdown/ETA we ever send (the confirm pass waits at most this; a longer
+# settle window is left to the periodic confirm pass).
+MAX_COUNTDOWN_S: Final = 300
+
+# Redis redelivers a message that was delivered but not acknowledged after this long. With
+# acks_late a message stays unacknowledged for its whole run, and an ETA/countdown message
+# from the moment a worker reserves it, so this must exceed the longest task plus the
+# longest countdown, or a healthy task would be delivered a second time while it runs.
+# The cost of a long timeout is only that a message held by a worker that died with its
+# whole machine comes back late; nightly batches do not wait for it, the pump takes stale
+# claims back after STALE_CLAIM_S (worker.recon.runs).
+VISIBILITY_TIMEOUT_S: Final = 1800
+assert VISIBILITY_TIMEOUT_S > LONGEST_HARD_LIMIT_S + MAX_COUNTDOWN_S
+
+# How often beat drives the periodic work.
+SWEEP_EVERY_S: Final = 15.0
+LEDGER_SCAN_EVERY_S: Final = 30.0
+CONFIRM_PASS_EVERY_S: Final = 30.0
+# A nightly start queued while every worker was down still counts hours later.
+NIGHTLY_START_EXPIRES_S: Final = 12 * 3600
+
+
+class RechecksFirstCycle(priority_cycle):
+    """The order in which a worker polls its queues (kombu `queue_order_strategy`).
+
+    Kombu's Redis transport polls all queues with one BRPOP, which serves the first non-empty
+    list in the order given. Its default rotates that order (round-robin), so a recheck could
+    wait behind a nightly batch at every free process; this order always asks `recheck`
+    first, whatever order `-Q` listed the queues in. The nightly lane cannot starve rechecks,
+    and rechecks cannot starve the night either: they are few, and debounced.
+    """
+
+    def consume(self, n: int) -> list[str]:
+        items: list[str] = self.items[:n]
+        rank = {name: i for i, name in enumerate(QUEUES)}
+        return sorted(items, key=lambda q: rank.get(q, len(QUEUES)))
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    """The periodic tasks; crontab times are in `RECON_TIMEZONE` (app.conf.timezone)."""
+    at = settings.nightly_at
+    return {
+        # A second beat, or a repeated 02:30 on a DST change, is a no-op: one run per date.
+        "nightly-start": {
+            "task": "midas_recon.start_nightly",
+            "schedule": crontab(minute=str(at.minute), hour=str(at.hour)),
+            "kwargs": {"trigger": "beat"},
+            "options": {"expires": NIGHTLY_START_EXPIRES_S},
+        },
+        # Periodic messages expire after their interval: if workers were down, the queued
+        # copies must not all run at once when they return; the next tick does the job.
+        "sweep": {
+            "task": "midas_recon.sweep",
+            "schedule": timedelta(seconds=SWEEP_EVERY_S),
+            "options": {"expires": SWEEP_EVERY_S},
+        },
+        "ledger-scan": {
+            "task": "midas_recon.scan_ledger",
+            "schedule": timedelta(seconds=LEDGER_SCAN_EVERY_S),
+            "options": {"expires": LEDGER_SCAN_EVERY_S},
+        },
+        "confirm-pass": {
+            "task": "midas_recon.confirm_pass",
+            "schedule": timedelta(seconds=CONFIRM_PASS_EVERY_S),
+            "options": {"expires": CONFIRM_PASS_EVERY_S},
+        },
+    }
+
+
+def make_app(settings: Settings) -> Celery:
+    """A Celery app configured from `settings` (the worker's, or a sender's in the CLI)."""
+    app = Celery("midas_recon", set_as_current=False)
+    app.conf.update(
+        broker_url=settings.REDIS_URL,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "queue_order_strategy": f"{__name__}:RechecksFirstCycle",
+        },
+        # JSON only: a pickled message from the broker would be code execution.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        event_serializer="json",
+        # No result backend: --wait and progress read Postgres, where the truth is.
+        result_backend=None,
+        task_ignore_result=True,
+        task_store_errors_even_if_ignored=False,
+        # Acknowledge after the task ran, and requeue when its process died (SIGKILL, OOM):
+        # every task is safe to run again (claims, unique keys, done flags).
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # A process reserves only the message it runs: waiting messages stay in Redis, where
+        # another process (or a recheck arriving later) can take them.
+        worker_prefetch_multiplier=1,
+        # On a lost broker connection the unacknowledged messages are redelivered; cancel
+        # the tasks still running on them rather than run them twice side by side.
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        task_soft_time_limit=60,
+        task_time_limit=90,
+        # Each queue its own direct exchange and key: a queue declared without them is bound
+        # to the default queue's exchange and key, and the Redis transport then copies every
+        # message into every queue bound that way.
+        task_queues=[
+            Queue(name, Exchange(name, type="direct"), routing_key=name)  # type: ignore[no-untyped-call]
+            for name in QUEUES
+        ],
+        task_default_exchange=NIGHTLY_QUEUE,
+        task_default_routing_key=NIGHTLY_QUEUE,
+        task_default_queue=NIGHTLY_QUEUE,
+        task_create_missing_queues=False,
+        task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
+        task_send_sent_event=False,
+        worker_send_task_events=False,
+        # Our JSON logging (worker.logs) stays in charge of the root logger.
+        worker_hijack_root_logger=False,
+        timezone=settings.RECON_TIMEZONE,
+        enable_utc=True,
+        beat_schedule=beat_schedule(settings),
+        include=["worker.tasks"],
+    )
+    return app
+
+
+def _settings_or_exit() -> Settings:
+    """Settings for a worker or beat process: one line and exit 2 when they are wrong."""
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        print(f"midas-recon: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = make_app(_settings_or_exit())
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def project_task(
+    name: str,
+    *,
+    soft_time_limit: float = 60,
+    time_limit: float = 90,
+    retry_on: tuple[type[BaseException], ...] = (),
+) -> Callable[[F], Task]:
+    """Register `fn` as `midas_recon.<name>` with the project's options, spelled once.
+
+    Celery accepts any keyword as a task option and silently ignores a misspelled one, so
+    tasks use this decorator (typed keywords only) and tests/orchestration checks the result.
+    """
+    full = f"midas_recon.{name}"
+    if full not in TASK_QUEUES:
+        raise KeyError(f"{full} has no queue in TASK_QUEUES")
+    if not 0 < soft_time_limit < time_limit <= LONGEST_HARD_LIMIT_S:
+        raise ValueError(f"{full}: need 0 < soft_time_limit < time_limit <= longest")
+
+    def register(fn: F) -> Task:
+        options: dict[str, Any] = {
+            "name": full,
+            "acks_late": True,
+            "reject_on_worker_lost": True,
+            "ignore_result": True,
+            "soft_time_limit": soft_time_limit,
+            "time_limit": time_limit,
+        }
+        if retry_on:
+            # For tasks nothing else would redo (a nightly start from beat, a login): a new
+            # message with a backoff countdown, well under MAX_COUNTDOWN_S.
+            options.update(
+                autoretry_for=retry_on,
+                retry_backoff=True,
+                retry_backoff_max=60,
+                retry_jitter=True,
+                max_retries=5,
+            )
+        return app.task(**options)(fn)
+
+    return register
+
+
+class TaskContextFilter(logging.Filter):
+    """Adds the running task's id and name to every log record of its thread."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        task = current_task
+        if task and task.request.id:  # the proxy is falsy outside a task
+            record.task_id = task.request.id
+            record.task = task.name
+        return True
+
+
+def _connect_signals() -> None:
+    from worker.metrics_server import connect_celery_signals
+
+    connect_celery_signals()
+
+    def setup_logging(loglevel: str | int | None = None, **_kwargs: Any) -> None:
+        from worker.logs import configure_logging
+
+        level = logging.getLevelName(loglevel) if isinstance(loglevel, int) else loglevel
+        handler = configure_logging(get_settings(), level=str(level or "INFO"))
+        handler.addFilter(TaskContextFilter())
+
+    # Connecting setup_logging tells Celery not to configure logging itself.
+    signals.setup_logging.connect(setup_logging, weak=False, dispatch_uid="midas_recon_logs")
+
+
+_connect_signals()

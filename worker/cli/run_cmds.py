@@ -1,0 +1,386 @@
+"""`run`, `runs`, `recheck`: start and watch reconciliation runs.
+
+With REDIS_URL set the work is done by the Celery workers and these commands plan it and
+read its progress from Postgres; without it (the embedded mode) they do the work in this
+process with the same service functions.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any
+
+import click
+
+from worker.cli.base import JobFailed, UsageError, cli, database_errors, handle_errors, settings
+from worker.cli.mismatch_cmds import _table
+from worker.config import Settings
+from worker.db.models import RUN_KINDS, Run
+
+RUN_FIELDS = (
+    "id",
+    "business_date",
+    "kind",
+    "trigger",
+    "status",
+    "planned",
+    "ok",
+    "unobservable",
+    "error",
+    "mismatches_opened",
+    "started_at",
+    "finished_at",
+    "failure_reason",
+)
+TABLE_FIELDS = RUN_FIELDS[:-1]
+# --wait: a run that moved nothing for this long is probably missing its workers.
+STALL_HINT_S = 60.0
+RECHECK_WAIT_S = 120.0
+
+
+# -- run ----------------------------------------------------------------------------------------
+
+
+@cli.command("run")
+@click.option(
+    "--date",
+    "day",
+    metavar="YYYY-MM-DD",
+    help="Business date of the run (default: today in RECON_TIMEZONE).",
+)
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Show progress (done/planned, rate, ETA) until the run ends; exit 0 only if complete.",
+)
+@handle_errors
+def run_cmd(day: str | None, wait: bool) -> None:
+    """Start the nightly run of a business date, or join it if it exists.
+
+    A run never fetches an account twice; a failed run (e.g. a wrong AppKey, the day's quota
+    used up) is resumed from where it stopped. With REDIS_URL the workers do the fetching;
+    without it (embedded mode) this command does, and always waits.
+
+    Exit status: 0 started (or, with --wait, complete); 1 the run is incomplete or failed.
+    """
+    s = settings()
+    business_date = _parse_date(day)
+    if s.embedded:
+        _run_embedded(s, business_date)
+        return
+    from worker.db.session import session_scope
+    from worker.recon.runs import start_nightly
+
+    with database_errors(), session_scope(s.DATABASE_URL) as session:
+        started = start_nightly(
+            session, s, business_date=business_date, trigger="cli", resume_failed=True
+        )
+    verb = "started" if started.created else "resumed" if started.resumed_from else "joined"
+    click.echo(
+        f"run #{started.run_id} for {started.business_date}: {verb}, "
+        f"{started.planned} accounts planned, {started.status}"
+    )
+    if started.status == "running":
+        _broker(lambda tasks: tasks.request_pump(started.run_id))
+    if wait:
+        final = _watch(s, started.run_id)
+    else:
+        with session_scope(s.DATABASE_URL) as session:
+            final = _get(session, started.run_id)
+        if final.status in ("planning", "running"):
+            return
+    _conclude(final)
+
+
+def _run_embedded(s: Settings, business_date: dt.date | None) -> None:
+    from worker.recon.runs import run_embedded
+
+    bar = _ProgressLine(sys.stderr.isatty())
+    click.echo("embedded mode (no REDIS_URL): fetching in this process", err=True)
+    with database_errors():
+        final = run_embedded(s, business_date, trigger="cli", progress=bar.update)
+    bar.close()
+    _conclude(final)
+
+
+def _conclude(run: Run) -> None:
+    summary = (
+        f"run #{run.id} for {run.business_date}: {run.status}; planned {run.planned}, "
+        f"ok {run.ok}, unobservable {run.unobservable}, error {run.error}, "
+        f"mismatches opened {run.mismatches_opened}"
+    )
+    if run.status == "complete":
+        click.echo(summary)
+        return
+    if run.status == "failed":
+        raise JobFailed(f"{summary}; failed: {run.failure_reason}")
+    raise JobFailed(summary)
+
+
+def _watch(s: Settings, run_id: int) -> Run:
+    """Poll Postgres until the run ends, drawing the progress line."""
+    from worker.db.session import session_scope
+    from worker.recon.runs import read_progress
+
+    bar = _ProgressLine(sys.stderr.isatty())
+    last_done, last_move = -1, time.monotonic()
+    while True:
+        with database_errors(), session_scope(s.DATABASE_URL) as session:
+            p = read_progress(session, run_id)
+            if p.status not in ("planning", "running"):
+                bar.update(p)
+                bar.close()
+                return _get(session, run_id)
+        bar.update(p)
+        if p.done != last_done:
+            last_done, last_move = p.done, time.monotonic()
+        elif time.monotonic() - last_move > STALL_HINT_S:
+            bar.note(
+                f"no progress for {STALL_HINT_S:.0f} s: is a worker running "
+                "(celery -A worker worker -Q recheck,nightly)?"
+            )
+            last_move = time.monotonic()
+        time.sleep(1.0)
+
+
+class _ProgressLine:
+    """done/planned, the rate over the last ~10 s, and the ETA; redrawn in place on a TTY,
+    a line every 10 s otherwise (logs, CI)."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.samples: deque[tuple[float, int]] = deque()
+        self.last_line = 0.0
+        self.drawn = False
+
+    def update(self, p: Any) -> None:
+        now = time.monotonic()
+        self.samples.append((now, p.done))
+        while len(self.samples) > 2 and now - self.samples[0][0] > 10:
+            self.samples.popleft()
+        t0, d0 = self.samples[0]
+        rate = (p.done - d0) / (now - t0) if now > t0 else 0.0
+        left = max(0, p.planned - p.done)
+        eta = _duration(left / rate) if rate > 0 and left else "-" if left else "0:00"
+        share = f"{100 * p.done / p.planned:.0f}%" if p.planned else "-"
+        line = (
+            f"run #{p.run_id}: {p.done}/{p.planned} ({share})  {rate:.0f}/s  ETA {eta}"
+            f"  [ok {p.ok}, unobservable {p.unobservable}, error {p.error}]"
+        )
+        if self.tty:
+            click.echo("\r" + line.ljust(100), nl=False, err=True)
+            self.drawn = True
+        elif now - self.last_line >= 10 or p.done == p.planned:
+            click.echo(line, err=True)
+            self.last_line = now
+
+    def note(self, text: str) -> None:
+        self.close()
+        click.echo(text, err=True)
+
+    def close(self) -> None:
+        if self.drawn:
+            click.echo("", err=True)
+            self.drawn = False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+# -- runs ---------------------------------------------------------------------------------------
+
+
+@cli.command("runs")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json: a list of objects (timestamps UTC ISO 8601).",
+)
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 1000),
+    default=20,
+    show_default=True,
+    help="How many runs, newest first.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice([*RUN_KINDS, "all"]),
+    default="nightly",
+    show_default=True,
+    help="nightly runs, or the rechecks after payments, the confirm passes, or all.",
+)
+@handle_errors
+def runs_cmd(fmt: str, limit: int, kind: str) -> None:
+    """Recent runs with their status and coverage counts.
+
+    A run's status speaks of coverage: complete (every account observed or unobservable),
+    incomplete (some stayed error), failed (stopped: see failure_reason), running.
+    """
+    from worker.db.runs import recent_runs
+    from worker.db.session import session_scope
+
+    with database_errors(), session_scope(settings().DATABASE_URL) as session:
+        rows = [
+            _run_row(r)
+            for r in recent_runs(session, limit=limit, kind=None if kind == "all" else kind)
+        ]
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2))
+    elif not rows:
+        click.echo("no runs yet")
+    else:
+        click.echo(_table(TABLE_FIELDS, [[_cell(r[f]) for f in TABLE_FIELDS] for r in rows]))
+
+
+def _run_row(run: Run) -> dict[str, Any]:
+    row: dict[str, Any] = {}
+    for name in RUN_FIELDS:
+        value = getattr(run, name)
+        if isinstance(value, dt.datetime):
+            value = value.astimezone(dt.UTC).isoformat()
+        elif isinstance(value, dt.date):
+            value = value.isoformat()
+        row[name] = value
+    return row
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+# -- recheck ------------------------------------------------------------------------------------
+
+
+@cli.command("recheck")
+@click.argument("openid")
+@click.option("--zone-id", default="1", show_default=True, help="The account's zone.")
+@click.option("--wait", is_flag=True, help="Wait for the answer and print it.")
+@handle_errors
+def recheck_cmd(openid: str, zone_id: str, wait: bool) -> None:
+    """Fetch one account's balance now and compare it with the ledger (a recheck run).
+
+    Unlike the rechecks after payments this one is not delayed. Exit status with --wait (and
+    always in embedded mode): 0 when Midas answered or the account is unobservable, 1 on an
+    error answer.
+    """
+    from worker.db.session import session_scope
+    from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
+
+    s = settings()
+    try:
+        request = validate_recheck(openid, zone_id, "cli")
+    except RecheckRejected as exc:
+        raise UsageError(str(exc)) from None
+    with database_errors(), session_scope(s.DATABASE_URL) as session:
+        batch = plan_recheck(session, s, request)
+    if s.embedded:
+        _recheck_inline(s, batch)
+    else:
+        _broker(lambda tasks: tasks.dispatch_batch(batch, "recheck"))
+        click.echo(
+            f"recheck run #{batch.run_id} sent for {request.openid} (zone {request.zone_id})"
+        )
+        if not wait:
+            return
+        _wait_for(s, batch.run_id)
+    _print_snapshot(s, batch.run_id)
+
+
+def _recheck_inline(s: Settings, batch: Any) -> None:
+    from functools import partial
+
+    from worker.db.session import session_scope
+    from worker.midas.limiter import LocalLimiter
+    from worker.recon.runs import FetchDeps, batch_size, drive
+
+    deps = FetchDeps.from_settings(
+        s, limiter=LocalLimiter(s.MIDAS_RATE_LIMIT, s.MIDAS_MAX_IN_FLIGHT)
+    )
+    with database_errors():
+        drive(
+            partial(session_scope, s.DATABASE_URL),
+            deps,
+            batch.run_id,
+            size=batch_size(s),
+            first=[batch],
+        )
+
+
+def _wait_for(s: Settings, run_id: int) -> None:
+    from worker.db.session import session_scope
+
+    give_up = time.monotonic() + RECHECK_WAIT_S
+    while time.monotonic() < give_up:
+        with database_errors(), session_scope(s.DATABASE_URL) as session:
+            if _get(session, run_id).status not in ("planning", "running"):
+                return
+        time.sleep(0.5)
+    raise JobFailed(
+        f"recheck run #{run_id} not done after {RECHECK_WAIT_S:.0f} s: is a worker running "
+        "(celery -A worker worker -Q recheck,nightly)?"
+    )
+
+
+def _print_snapshot(s: Settings, run_id: int) -> None:
+    from worker.db.session import session_scope
+    from worker.db.snapshots import VALUE_FIELDS, snapshots_of_run
+
+    with database_errors(), session_scope(s.DATABASE_URL) as session:
+        run = _get(session, run_id)
+        snaps = snapshots_of_run(session, run_id)
+    if not snaps:
+        raise JobFailed(f"recheck run #{run_id} is {run.status} without an answer")
+    snap = snaps[0]
+    if snap.status == "ok":
+        values = ", ".join(f"{name} {getattr(snap, name)}" for name in VALUE_FIELDS)
+        click.echo(f"ok: {values}; mismatches opened {run.mismatches_opened}")
+        return
+    text = f"{snap.status}: errcode {snap.errcode} {snap.errmsg or ''}".rstrip()
+    if snap.status == "error":
+        raise JobFailed(text)
+    click.echo(text)
+
+
+# -- helpers ------------------------------------------------------------------------------------
+
+
+def _parse_date(value: str | None) -> dt.date | None:
+    if value is None:
+        return None
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--date {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def _get(session: Any, run_id: int) -> Run:
+    from worker.db.runs import get_run
+
+    run = get_run(session, run_id)
+    if run is None:
+        raise JobFailed(f"run #{run_id} vanished")
+    return run
+
+
+def _broker(send: Callable[[ModuleType], None]) -> None:
+    """Send through the workers' own task module (its app is built from this environment)."""
+    from worker import tasks
+
+    try:
+        send(tasks)
+    except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
+        raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None

@@ -1,0 +1,555 @@
+"""Runs and run items: every SQL statement that plans, claims and closes a run.
+
+A run's plan lives here, not in the broker. Items move pending -> claimed -> done. A claim is
+identified by its `claimed_at` value (microseconds, one per batch): the batch message carries
+it, and a batch only works on items still held by that claim. A message whose claim was taken
+back (its batch presumed dead) and handed to another batch therefore finds nothing to do.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, Select, Table, case, func, literal, or_, select, text, update
+from sqlalchemy.orm import Session
+
+from worker.db.models import (
+    Account,
+    BalanceSnapshot,
+    Cursor,
+    LedgerEntry,
+    MismatchCase,
+    Run,
+    RunItem,
+)
+from worker.db.session import dialect_insert
+
+_runs = cast(Table, Run.__table__)
+_items = cast(Table, RunItem.__table__)
+_accounts = cast(Table, Account.__table__)
+_cases = cast(Table, MismatchCase.__table__)
+_snapshots = cast(Table, BalanceSnapshot.__table__)
+_cursors = cast(Table, Cursor.__table__)
+_ledger = cast(Table, LedgerEntry.__table__)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemToFetch:
+    """A claimed item with what the fetch needs; the session key is still encrypted."""
+
+    account_id: int
+    openid: str
+    zone_id: str
+    attempts: int
+    session_key_enc: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ItemCounts:
+    pending: int = 0
+    claimed: int = 0
+    ok: int = 0
+    unobservable: int = 0
+    error: int = 0
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.unobservable + self.error
+
+    @property
+    def planned(self) -> int:
+        return self.pending + self.claimed + self.done
+
+    @property
+    def open(self) -> int:
+        return self.pending + self.claimed
+
+
+# -- creating runs ------------------------------------------------------------------------------
+
+
+def insert_nightly_run(
+    session: Session, business_date: dt.date, *, trigger: str, api_version: str, now: dt.datetime
+) -> int | None:
+    """The nightly run of `business_date`, or None when it already exists (a no-op).
+
+    ON CONFLICT on the partial unique index: two beats, or beat and an operator, racing for
+    the same date end with one run, and the loser does not fail.
+    """
+    stmt = (
+        dialect_insert(session, _runs)
+        .values(
+            business_date=business_date,
+            kind="nightly",
+            trigger=trigger,
+            status="planning",
+            api_version=api_version,
+            created_at=now,
+        )
+        .on_conflict_do_nothing(
+            index_elements=[_runs.c.business_date], index_where=text("kind = 'nightly'")
+        )
+        .returning(_runs.c.id)
+    )
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def insert_run(
+    session: Session,
+    *,
+    kind: str,
+    business_date: dt.date,
+    trigger: str,
+    api_version: str,
+    now: dt.datetime,
+) -> int:
+    """A recheck or confirm run (any number per date), running from the start."""
+    stmt = (
+        _runs.insert()
+        .values(
+            business_date=business_date,
+            kind=kind,
+            trigger=trigger,
+            status="running",
+            api_version=api_version,
+            created_at=now,
+            started_at=now,
+        )
+        .returning(_runs.c.id)
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def nightly_run_id(session: Session, business_date: dt.date) -> int | None:
+    return session.execute(
+        select(_runs.c.id).where(_runs.c.kind == "nightly", _runs.c.business_date == business_date)
+    ).scalar_one_or_none()
+
+
+def plan_active_accounts(session: Session, run_id: int, *, active_since: dt.datetime) -> int:
+    """Items for every account active since `active_since`, in one INSERT … SELECT.
+
+    An account without any recorded activity counts as seen when it was created (imported or
+    first paid): the game listed it, so it is reconciled until it has been idle that long.
+    """
+    activity = func.coalesce(_accounts.c.last_active_at, _accounts.c.created_at)
+    source = select(literal(run_id, _items.c.run_id.type).label("run_id"), _accounts.c.id).where(
+        activity >= active_since
+    )
+    session.execute(_items.insert().from_select(["run_id", "account_id"], source))
+    # Counted, not taken from rowcount: drivers report -1 for INSERT … SELECT.
+    return int(
+        session.execute(
+            select(func.count()).select_from(_items).where(_items.c.run_id == run_id)
+        ).scalar_one()
+    )
+
+
+def plan_accounts(session: Session, run_id: int, account_ids: Sequence[int]) -> int:
+    if not account_ids:
+        return 0
+    session.execute(_items.insert(), [{"run_id": run_id, "account_id": a} for a in account_ids])
+    return len(account_ids)
+
+
+def mark_running(session: Session, run_id: int, *, planned: int, now: dt.datetime) -> None:
+    session.execute(
+        update(_runs)
+        .where(_runs.c.id == run_id)
+        .values(
+            status="running", planned=planned, started_at=func.coalesce(_runs.c.started_at, now)
+        )
+    )
+
+
+def resume_failed(session: Session, run_id: int) -> str | None:
+    """Put a failed run back to running; returns the reason it had failed with."""
+    row = session.execute(
+        select(_runs.c.status, _runs.c.failure_reason).where(_runs.c.id == run_id).with_for_update()
+    ).one()
+    if row.status != "failed":
+        return None
+    session.execute(
+        update(_runs)
+        .where(_runs.c.id == run_id)
+        .values(status="running", failure_reason=None, finished_at=None)
+    )
+    return str(row.failure_reason or "")
+
+
+# -- reading runs -------------------------------------------------------------------------------
+
+
+def get_run(session: Session, run_id: int, *, lock: bool = False) -> Run | None:
+    """The run, optionally row-locked (finalize, fail) so status changes serialise."""
+    # populate_existing: statuses change under Core UPDATEs; never trust the identity map.
+    stmt = select(Run).where(Run.id == run_id).execution_options(populate_existing=True)
+    if lock:
+        stmt = stmt.with_for_update()
+    return session.execute(stmt).scalar_one_or_none()
+
+
+def unfinished_runs(session: Session) -> list[tuple[int, str]]:
+    """(id, kind) of runs still running: what the sweep pumps."""
+    rows = session.execute(
+        select(_runs.c.id, _runs.c.kind).where(_runs.c.status == "running").order_by(_runs.c.id)
+    )
+    return [(int(i), str(k)) for i, k in rows]
+
+
+def recent_runs(session: Session, *, limit: int, kind: str | None) -> list[Run]:
+    stmt = select(Run).order_by(Run.id.desc()).limit(limit)
+    if kind is not None:
+        stmt = stmt.where(Run.kind == kind)
+    return list(session.execute(stmt).scalars())
+
+
+def item_counts(session: Session, run_id: int) -> ItemCounts:
+    """Items by state and outcome, from the (run_id, state) index."""
+    rows = session.execute(
+        select(_items.c.state, _items.c.outcome, func.count())
+        .where(_items.c.run_id == run_id)
+        .group_by(_items.c.state, _items.c.outcome)
+    )
+    counts: dict[str, int] = {}
+    for state, outcome, n in rows:
+        key = str(outcome) if state == "done" else str(state)
+        counts[key] = counts.get(key, 0) + int(n)
+    return ItemCounts(
+        pending=counts.get("pending", 0),
+        claimed=counts.get("claimed", 0),
+        ok=counts.get("ok", 0),
+        unobservable=counts.get("unobservable", 0),
+        error=counts.get("error", 0),
+    )
+
+
+# -- claims -------------------------------------------------------------------------------------
+
+
+def take_back_stale(session: Session, run_id: int, *, claimed_before: dt.datetime) -> int:
+    """Claims older than the cutoff go back to pending, alive or not (the last resort)."""
+    result = session.execute(
+        update(_items)
+        .where(
+            _items.c.run_id == run_id,
+            _items.c.state == "claimed",
+            _items.c.claimed_at < claimed_before,
+        )
+        .values(state="pending", claimed_at=None)
+    )
+    return _rowcount(result)
+
+
+def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.datetime) -> list[int]:
+    """Claim up to `limit` pending items; concurrent claimers skip each other's rows."""
+    chosen = (
+        select(_items.c.account_id)
+        .where(_items.c.run_id == run_id, _items.c.state == "pending")
+        .limit(limit)
+        .with_for_update(skip_locked=True)  # Postgres; SQLite has one writer anyway
+    )
+    stmt = (
+        update(_items)
+        .where(_items.c.run_id == run_id, _items.c.account_id.in_(chosen.scalar_subquery()))
+        .values(state="claimed", claimed_at=claim)
+        .returning(_items.c.account_id)
+    )
+    return sorted(int(a) for a in session.execute(stmt).scalars())
+
+
+def start_items(
+    session: Session, run_id: int, account_ids: Sequence[int], *, claim: dt.datetime
+) -> list[ItemToFetch]:
+    """The items of a batch message still held by its claim, with what the fetch needs.
+
+    Each start counts an attempt (a release undoes it), so `attempts` ends up counting the
+    batches that died on an item. The claim does not change: a copy of the message that is
+    delivered again after its worker died finds the items and carries on.
+    """
+    held = (
+        update(_items)
+        .where(
+            _items.c.run_id == run_id,
+            _items.c.account_id.in_(list(account_ids)),
+            _items.c.state == "claimed",
+            _items.c.claimed_at == claim,
+        )
+        .values(attempts=_items.c.attempts + 1)
+        .returning(_items.c.account_id, _items.c.attempts)
+    )
+    attempts = {int(a): int(n) for a, n in session.execute(held)}
+    if not attempts:
+        return []
+    rows = session.execute(
+        select(_accounts.c.id, _accounts.c.openid, _accounts.c.zone_id, _accounts.c.session_key_enc)
+        .where(_accounts.c.id.in_(list(attempts)))
+        .order_by(_accounts.c.id)
+    )
+    return [
+        ItemToFetch(
+            account_id=int(r.id),
+            openid=r.openid,
+            zone_id=r.zone_id,
+            attempts=attempts[int(r.id)],
+            session_key_enc=r.session_key_enc,
+        )
+        for r in rows
+    ]
+
+
+def claims_before(session: Session, run_id: int, before: dt.datetime) -> list[dt.datetime]:
+    """The distinct claims of a run made before `before` (a handful: one per batch)."""
+    rows = session.execute(
+        select(_items.c.claimed_at)
+        .where(
+            _items.c.run_id == run_id,
+            _items.c.state == "claimed",
+            _items.c.claimed_at < before,
+        )
+        .distinct()
+    )
+    return [c for c in rows.scalars() if c is not None]
+
+
+def take_back_claims(session: Session, run_id: int, claims: Sequence[dt.datetime]) -> int:
+    """These claims' items back to pending: their batches are dead."""
+    if not claims:
+        return 0
+    result = session.execute(
+        update(_items)
+        .where(
+            _items.c.run_id == run_id,
+            _items.c.state == "claimed",
+            _items.c.claimed_at.in_(list(claims)),
+        )
+        .values(state="pending", claimed_at=None)
+    )
+    return _rowcount(result)
+
+
+def lock_held(
+    session: Session, run_id: int, account_ids: Sequence[int], *, claim: dt.datetime
+) -> set[int]:
+    """Row-lock the items this batch still holds; a stale sweep cannot take them meanwhile."""
+    rows = session.execute(
+        select(_items.c.account_id)
+        .where(
+            _items.c.run_id == run_id,
+            _items.c.account_id.in_(list(account_ids)),
+            _items.c.state == "claimed",
+            _items.c.claimed_at == claim,
+        )
+        .with_for_update()
+    )
+    return {int(a) for a in rows.scalars()}
+
+
+def mark_done(session: Session, run_id: int, outcomes: dict[int, str]) -> None:
+    """Items done with their snapshot's status; call after the snapshots are inserted."""
+    if not outcomes:
+        return
+    by_outcome: dict[str, list[int]] = {}
+    for account_id, outcome in outcomes.items():
+        by_outcome.setdefault(outcome, []).append(account_id)
+    for outcome, ids in by_outcome.items():
+        session.execute(
+            update(_items)
+            .where(_items.c.run_id == run_id, _items.c.account_id.in_(ids))
+            .values(state="done", outcome=outcome)
+        )
+
+
+def release(session: Session, run_id: int, account_ids: Sequence[int]) -> None:
+    """Give held items back to the plan unfetched (deadline, run stopped)."""
+    if not account_ids:
+        return
+    session.execute(
+        update(_items)
+        .where(
+            _items.c.run_id == run_id,
+            _items.c.account_id.in_(list(account_ids)),
+            _items.c.state == "claimed",
+        )
+        .values(
+            state="pending",
+            claimed_at=None,
+            attempts=case((_items.c.attempts > 0, _items.c.attempts - 1), else_=0),
+        )
+    )
+
+
+def release_all_claims(session: Session, run_id: int) -> int:
+    """Every claim of a run back to pending (resuming a failed run: its batches are gone)."""
+    result = session.execute(
+        update(_items)
+        .where(_items.c.run_id == run_id, _items.c.state == "claimed")
+        .values(state="pending", claimed_at=None)
+    )
+    return _rowcount(result)
+
+
+def add_mismatches_opened(session: Session, run_id: int, opened: int) -> None:
+    """Count cases a batch opened, in the batch's transaction (rare: only when some did)."""
+    if opened:
+        session.execute(
+            update(_runs)
+            .where(_runs.c.id == run_id)
+            .values(mismatches_opened=_runs.c.mismatches_opened + opened)
+        )
+
+
+def close_run(
+    session: Session,
+    run_id: int,
+    *,
+    status: str,
+    counts: ItemCounts,
+    now: dt.datetime,
+    reason: str | None = None,
+) -> None:
+    values: dict[str, Any] = {
+        "status": status,
+        "planned": counts.planned,
+        "ok": counts.ok,
+        "unobservable": counts.unobservable,
+        "error": counts.error,
+        "finished_at": now,
+    }
+    if reason is not None:
+        values["failure_reason"] = reason
+    session.execute(update(_runs).where(_runs.c.id == run_id).values(**values))
+
+
+def accounts_in_flight(*, kind: str) -> Select[tuple[int]]:
+    """Account ids with an unfinished item in a running run of `kind` (a sub-select)."""
+    return (
+        select(_items.c.account_id)
+        .join(_runs, _runs.c.id == _items.c.run_id)
+        .where(
+            _runs.c.kind == kind,
+            _runs.c.status == "running",
+            or_(_items.c.state == "pending", _items.c.state == "claimed"),
+        )
+    )
+
+
+# -- where rechecks and confirm runs come from ------------------------------------------------
+
+
+def account_id(session: Session, openid: str, zone_id: str) -> int | None:
+    return session.execute(
+        select(_accounts.c.id).where(_accounts.c.openid == openid, _accounts.c.zone_id == zone_id)
+    ).scalar_one_or_none()
+
+
+def serialize_confirm_planning(session: Session) -> None:
+    """Two confirm passes must not plan the same accounts: one plans at a time (Postgres;
+    SQLite has one writer anyway). The lock ends with the transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext('midas_recon.confirm_pass'))"))
+
+
+def due_confirm_accounts(
+    session: Session, *, now: dt.datetime, retry_after: dt.datetime, limit: int
+) -> list[int]:
+    """Accounts with a suspected case due for its confirming re-fetch.
+
+    Left out: accounts already in a running confirm run, and those fetched at/after the due
+    time more recently than `retry_after` (that answer was unobservable or an error, or it
+    would have confirmed or cleared the case): they are tried again later, not every pass.
+    """
+    tried = (
+        select(_snapshots.c.id)
+        .where(
+            _snapshots.c.openid == _cases.c.openid,
+            _snapshots.c.zone_id == _cases.c.zone_id,
+            _snapshots.c.fetched_at >= _cases.c.confirm_due_at,
+            _snapshots.c.fetched_at >= retry_after,
+        )
+        .exists()
+    )
+    stmt = (
+        select(_accounts.c.id)
+        .join(
+            _cases,
+            (_cases.c.openid == _accounts.c.openid) & (_cases.c.zone_id == _accounts.c.zone_id),
+        )
+        .where(
+            _cases.c.status == "suspected",
+            _cases.c.confirm_due_at <= now,
+            ~tried,
+            _accounts.c.id.not_in(accounts_in_flight(kind="confirm")),
+        )
+        .distinct()
+        .order_by(_accounts.c.id)
+        .limit(limit)
+    )
+    return [int(a) for a in session.execute(stmt).scalars()]
+
+
+def last_confirm_due(session: Session, *, until: dt.datetime) -> dt.datetime | None:
+    """The latest due time, up to `until`, of a suspected case not re-fetched since it was
+    due: waiting for it lets one confirm pass take them all."""
+    fetched_since_due = (
+        select(_snapshots.c.id)
+        .where(
+            _snapshots.c.openid == _cases.c.openid,
+            _snapshots.c.zone_id == _cases.c.zone_id,
+            _snapshots.c.fetched_at >= _cases.c.confirm_due_at,
+        )
+        .exists()
+    )
+    return session.execute(
+        select(func.max(_cases.c.confirm_due_at)).where(
+            _cases.c.status == "suspected",
+            _cases.c.confirm_due_at <= until,
+            ~fetched_since_due,
+        )
+    ).scalar_one_or_none()
+
+
+def lock_cursor(session: Session, name: str, *, initial: int, now: dt.datetime) -> int | None:
+    """The cursor's value, row-locked for this transaction; None while another holds it.
+
+    A missing cursor is created at `initial` first (ON CONFLICT: two first scans agree).
+    """
+    session.execute(
+        dialect_insert(session, _cursors)
+        .values(name=name, value=initial, updated_at=now)
+        .on_conflict_do_nothing(index_elements=[_cursors.c.name])
+    )
+    return session.execute(
+        select(_cursors.c.value).where(_cursors.c.name == name).with_for_update(skip_locked=True)
+    ).scalar_one_or_none()
+
+
+def set_cursor(session: Session, name: str, value: int, *, now: dt.datetime) -> None:
+    session.execute(
+        update(_cursors).where(_cursors.c.name == name).values(value=value, updated_at=now)
+    )
+
+
+def max_ledger_id(session: Session) -> int:
+    return int(session.execute(select(func.coalesce(func.max(_ledger.c.id), 0))).scalar_one())
+
+
+def ledger_rows_after(
+    session: Session, *, high: int, gaps: Sequence[tuple[int, int]], limit: int
+) -> list[tuple[int, str, str]]:
+    """(id, openid, zone_id) of ledger rows above `high` or inside a gap range, by id."""
+    where = [_ledger.c.id > high] + [_ledger.c.id.between(lo, hi) for lo, hi in gaps]
+    rows = session.execute(
+        select(_ledger.c.id, _ledger.c.openid, _ledger.c.zone_id)
+        .where(or_(*where))
+        .order_by(_ledger.c.id)
+        .limit(limit)
+    )
+    return [(int(i), str(o), str(z)) for i, o, z in rows]
+
+
+def _rowcount(result: Any) -> int:
+    return int(cast(CursorResult[Any], result).rowcount or 0)

@@ -1,0 +1,114 @@
+"""Balance snapshots: insert-only, one per (run_id, openid, zone_id) (PRODUCT.md §4).
+
+The unique key is the last guard against a second snapshot of an account in one run (a
+redelivered batch, a restarted worker): the insert skips a row that exists, and the caller
+takes the stored row's status as the item's outcome.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import cast
+
+from sqlalchemy import Table, select, tuple_
+from sqlalchemy.orm import Session
+
+from worker.db.models import BalanceSnapshot
+from worker.db.session import dialect_insert
+from worker.midas.types import COUNTER_FIELDS
+
+_snapshots = cast(Table, BalanceSnapshot.__table__)
+
+VALUE_FIELDS = (*COUNTER_FIELDS, "first_save")
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRow:
+    """One answer to store; `values` is empty unless status is ok (never a zero for 'unknown')."""
+
+    openid: str
+    zone_id: str
+    fetched_at: dt.datetime
+    status: str
+    api_version: str
+    errcode: int | None = None
+    errmsg: str | None = None
+    values: tuple[tuple[str, int | bool], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StoredSnapshot:
+    id: int
+    openid: str
+    zone_id: str
+    status: str
+    new: bool  # inserted now (False: the run already had it, from an earlier delivery)
+
+
+def insert_snapshots(
+    session: Session, run_id: int, rows: Sequence[SnapshotRow]
+) -> list[StoredSnapshot]:
+    """Insert `rows`, skipping accounts that already have a snapshot in this run.
+
+    Returns the stored snapshot of every row's account: the new one, or the one that was
+    already there (whose status then decides the item's outcome).
+    """
+    if not rows:
+        return []
+    params = []
+    for row in rows:
+        values = dict(row.values)
+        if (row.status == "ok") != bool(values) or (values and set(values) != set(VALUE_FIELDS)):
+            raise ValueError("a snapshot has all values exactly when its status is ok")
+        params.append(
+            {
+                "run_id": run_id,
+                "openid": row.openid,
+                "zone_id": row.zone_id,
+                "fetched_at": row.fetched_at,
+                "status": row.status,
+                "errcode": row.errcode,
+                "errmsg": row.errmsg,
+                "api_version": row.api_version,
+                **{name: values.get(name) for name in VALUE_FIELDS},
+            }
+        )
+    stmt = (
+        dialect_insert(session, _snapshots)
+        .values(params)
+        .on_conflict_do_nothing(
+            index_elements=[_snapshots.c.run_id, _snapshots.c.openid, _snapshots.c.zone_id]
+        )
+        .returning(_snapshots.c.id, _snapshots.c.openid, _snapshots.c.zone_id, _snapshots.c.status)
+    )
+    stored = {
+        (r.openid, r.zone_id): StoredSnapshot(int(r.id), r.openid, r.zone_id, r.status, True)
+        for r in session.execute(stmt)
+    }
+    missing = [(r.openid, r.zone_id) for r in rows if (r.openid, r.zone_id) not in stored]
+    if missing:
+        existing = session.execute(
+            select(
+                _snapshots.c.id, _snapshots.c.openid, _snapshots.c.zone_id, _snapshots.c.status
+            ).where(
+                _snapshots.c.run_id == run_id,
+                tuple_(_snapshots.c.openid, _snapshots.c.zone_id).in_(missing),
+            )
+        )
+        for r in existing:
+            stored[(r.openid, r.zone_id)] = StoredSnapshot(
+                int(r.id), r.openid, r.zone_id, r.status, False
+            )
+    return [stored[(r.openid, r.zone_id)] for r in rows if (r.openid, r.zone_id) in stored]
+
+
+def snapshots_of_run(session: Session, run_id: int) -> list[BalanceSnapshot]:
+    return list(
+        session.execute(
+            select(BalanceSnapshot)
+            .where(BalanceSnapshot.run_id == run_id)
+            .order_by(BalanceSnapshot.id)
+        ).scalars()
+    )

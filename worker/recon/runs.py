@@ -1,0 +1,574 @@
+"""Runs: plan, claim, fetch a batch, finalize (PRODUCT.md §6), with or without Celery.
+
+A run's plan is its items in Postgres (pending -> claimed -> done). The pump claims a few
+batches at a time, so the broker only ever holds batches of ids; a batch fetches its items
+outside any transaction, then stores their snapshots and marks them done in one
+transaction. What makes a crash or a redelivery harmless:
+
+- a batch only works on items still held by the claim its message carries (worker.db.runs);
+  a message delivered again after its worker died carries the same claim and carries on;
+- a claim whose batch is dead goes back to pending: the caller of `pump` says which claims
+  are alive (the Celery tasks keep a Redis key per claim, refreshed while the batch runs);
+  a claim older than STALE_CLAIM_S goes back in any case;
+- items are done only in the transaction that stored their snapshot, and the snapshot's
+  unique key (run, account) refuses a second one: a batch that lost its claim meanwhile
+  stores nothing.
+
+`run_embedded` drives the same functions in one process, for the embedded mode (no Redis).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING
+
+from sqlalchemy.orm import Session
+
+from worker.config import Settings
+from worker.db import runs as repo
+from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
+from worker.db.models import Run
+from worker.db.session import session_scope
+from worker.db.snapshots import VALUE_FIELDS, SnapshotRow, insert_snapshots
+from worker.metrics import RUN_ITEMS_DONE, SNAPSHOTS
+from worker.recon.cases import reconcile_snapshots
+from worker.recon.fetch import (
+    BalanceSource,
+    FetchOutcome,
+    FetchTarget,
+    RetryPolicy,
+    describe,
+    fetch_all,
+)
+from worker.recon.rules import Check, checks_from_settings
+
+if TYPE_CHECKING:
+    import redis as redis_lib
+
+    from worker.midas.limiter import Limiter
+
+log = logging.getLogger(__name__)
+
+Db = Callable[[], AbstractContextManager[Session]]
+
+# The last resort for claims whose liveness nobody can tell: a batch is killed at its hard
+# time limit (worker.celery_app.FETCH_HARD_LIMIT_S, 330 s), and a batch message waits in the
+# short nightly queue far less than the rest.
+STALE_CLAIM_S = 900
+# A claim younger than this is never judged dead: its planner may not have published its
+# liveness yet (it does so after the commit).
+CLAIM_GRACE_S = 10
+# Embedded mode cannot see other processes' batches: a claim it did not make is dead once
+# any batch would have reached its deadline and stored its results.
+EMBEDDED_STALE_S = 300
+# An account whose batch died this many times (a poison answer that kills the process?) is
+# stored as `error` instead of being handed to the next worker to kill.
+MAX_BATCH_DEATHS = 5
+# Seconds of the fleet's rate one batch holds: short batches free a process often, which is
+# when a waiting recheck gets it, and a killed batch loses little.
+BATCH_SECONDS = 2.0
+MIN_BATCH, MAX_BATCH = 20, 200
+# Little's law: in-flight ≈ rate x latency. Midas answers in ~0.1-0.3 s; planning for 0.5 s
+# keeps the limiter's schedule full through slow spells without thousands of idle threads.
+ASSUMED_LATENCY_S = 0.5
+# Part of a fetch batch's soft time limit (300 s) kept for the work after its deadline: a
+# 45011 pause (up to a minute), the attempts in flight, and storing the results.
+_AFTER_DEADLINE_S = 60 + 15
+
+
+def batch_size(settings: Settings) -> int:
+    return max(MIN_BATCH, min(MAX_BATCH, round(settings.MIDAS_RATE_LIMIT * BATCH_SECONDS)))
+
+
+def fetch_threads(settings: Settings) -> int:
+    """Threads of one process's fetch pool (see ASSUMED_LATENCY_S).
+
+    At most half the fleet's in-flight cap: the limiter's slots of a process that is killed
+    stay taken until their lease runs out (a minute), and the other processes must be able
+    to carry on meanwhile.
+    """
+    wanted = math.ceil(settings.MIDAS_RATE_LIMIT * ASSUMED_LATENCY_S)
+    return max(1, min(settings.MIDAS_MAX_IN_FLIGHT // 2, wanted))
+
+
+def batch_deadline_s(settings: Settings, soft_limit_s: float = 300) -> float:
+    """Seconds a batch may start fetches for; the rest is given back to the plan."""
+    return max(30.0, soft_limit_s - _AFTER_DEADLINE_S - 2 * settings.MIDAS_TIMEOUT_S)
+
+
+def business_today(settings: Settings, now: dt.datetime | None = None) -> dt.date:
+    """The business date of `now` in RECON_TIMEZONE."""
+    return (now or _now()).astimezone(settings.tz).date()
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Account ids of one run claimed together; `claim` identifies this claim."""
+
+    run_id: int
+    account_ids: list[int]
+    claim: dt.datetime
+
+    @property
+    def claim_token(self) -> str:
+        return self.claim.isoformat()
+
+
+def parse_claim(token: str) -> dt.datetime:
+    claim = dt.datetime.fromisoformat(token)
+    if claim.tzinfo is None:
+        raise ValueError("a claim token carries its time zone")
+    return claim
+
+
+# -- starting a nightly run -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StartResult:
+    run_id: int
+    business_date: dt.date
+    created: bool  # False: the date's run existed (joined)
+    status: str
+    planned: int
+    resumed_from: str | None = None  # a failed run put back to running: its old reason
+
+
+def start_nightly(
+    session: Session,
+    settings: Settings,
+    *,
+    business_date: dt.date | None = None,
+    trigger: str = "beat",
+    resume_failed: bool = False,
+    now: dt.datetime | None = None,
+) -> StartResult:
+    """Create and plan the nightly run of a date, or join the one that exists.
+
+    `resume_failed` (an operator, not beat) puts a failed run back to running: its pending
+    items continue, nothing done is fetched again.
+    """
+    now = now or _now()
+    day = business_date or business_today(settings, now)
+    run_id = repo.insert_nightly_run(
+        session, day, trigger=trigger, api_version=settings.MIDAS_API_VERSION, now=now
+    )
+    if run_id is not None:
+        since = now - dt.timedelta(days=settings.RECON_ACTIVE_DAYS)
+        planned = repo.plan_active_accounts(session, run_id, active_since=since)
+        repo.mark_running(session, run_id, planned=planned, now=now)
+        log.info("run_planned", extra={"run_id": run_id, "planned": planned, "kind": "nightly"})
+        if planned == 0:
+            finalize(session, run_id, now=now)
+        run = _require(session, run_id)
+        return StartResult(run_id, day, True, run.status, planned)
+    existing = repo.nightly_run_id(session, day)
+    assert existing is not None  # the conflict says it exists, and runs are never deleted
+    resumed = None
+    if resume_failed:
+        resumed = repo.resume_failed(session, existing)
+        if resumed is not None:
+            repo.release_all_claims(session, existing)
+            log.info("run_resumed", extra={"run_id": existing, "previous_reason": resumed})
+    run = _require(session, existing)
+    counts = repo.item_counts(session, existing)
+    return StartResult(existing, day, False, run.status, counts.planned, resumed)
+
+
+# -- the pump ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PumpResult:
+    run_id: int
+    kind: str
+    status: str  # the run's status after this pump
+    batches: list[Batch] = field(default_factory=list)
+    open_items: int = 0  # pending + claimed left after this pump
+    taken_back: int = 0
+
+
+def pump(
+    session: Session,
+    run_id: int,
+    *,
+    room: Callable[[str], int],
+    size: int,
+    is_alive: Callable[[dt.datetime], bool] | None = None,
+    stale_after_s: float = STALE_CLAIM_S,
+    now: dt.datetime | None = None,
+) -> PumpResult:
+    """Take back dead claims, claim up to `room(kind)` batches, finalize when all is done.
+
+    `is_alive(claim)` tells whether a claim's batch is queued or running; without it only
+    claims older than `stale_after_s` are taken back.
+    """
+    now = now or _now()
+    run = repo.get_run(session, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id}")
+    result = PumpResult(run_id, run.kind, run.status)
+    if run.status != "running":
+        return result
+    taken = repo.take_back_stale(
+        session, run_id, claimed_before=now - dt.timedelta(seconds=stale_after_s)
+    )
+    if is_alive is not None:
+        settled = now - dt.timedelta(seconds=CLAIM_GRACE_S)
+        dead = [c for c in repo.claims_before(session, run_id, settled) if not is_alive(c)]
+        taken += repo.take_back_claims(session, run_id, dead)
+    result.taken_back = taken
+    if taken:
+        log.warning("dead_claims_taken_back", extra={"run_id": run_id, "items": taken})
+    for i in range(max(0, room(run.kind))):
+        # One claim per batch (microseconds apart): each batch's liveness is its own.
+        claim = now + dt.timedelta(microseconds=i)
+        ids = repo.claim_pending(session, run_id, limit=size, claim=claim)
+        if not ids:
+            break
+        result.batches.append(Batch(run_id, ids, claim))
+    counts = repo.item_counts(session, run_id)
+    result.open_items = counts.open
+    if counts.open == 0:
+        closed = finalize(session, run_id, now=now)
+        result.status = closed.status if closed else result.status
+    return result
+
+
+def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -> Run | None:
+    """Close a running run whose items are all done: complete, or incomplete if any errored.
+
+    Idempotent and safe beside the last batches: the run row is locked, and a batch still
+    writing holds its items claimed until it commits, so they count as open until then.
+    """
+    run = repo.get_run(session, run_id, lock=True)
+    if run is None or run.status != "running":
+        return run
+    counts = repo.item_counts(session, run_id)
+    if counts.open:
+        return run
+    status = "complete" if counts.error == 0 else "incomplete"
+    repo.close_run(session, run_id, status=status, counts=counts, now=now or _now())
+    session.refresh(run)
+    log.info(
+        "run_finished",
+        extra={
+            "run_id": run_id,
+            "kind": run.kind,
+            "status": status,
+            "planned": counts.planned,
+            "ok": counts.ok,
+            "unobservable": counts.unobservable,
+            "error": counts.error,
+            "mismatches_opened": run.mismatches_opened,
+        },
+    )
+    return run
+
+
+def fail_run(session: Session, run_id: int, reason: str, *, now: dt.datetime | None = None) -> None:
+    """Stop a run as failed (every further call would fail too); its plan stays for a resume."""
+    run = repo.get_run(session, run_id, lock=True)
+    if run is None or run.status != "running":
+        return
+    counts = repo.item_counts(session, run_id)
+    repo.close_run(
+        session, run_id, status="failed", counts=counts, now=now or _now(), reason=reason
+    )
+    log.error("run_failed", extra={"run_id": run_id, "reason": reason})
+
+
+# -- one batch ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FetchDeps:
+    """What a batch needs besides the database; built once per process."""
+
+    source: BalanceSource
+    api_version: str
+    checks: Sequence[Check]
+    settle_seconds: int
+    threads: int
+    deadline_s: float
+    cipher: SessionKeyCipher | None = None  # set when session keys are sent (v2, mp_sig)
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, limiter: Limiter, redis: redis_lib.Redis | None = None
+    ) -> FetchDeps:
+        """ConfigError (one line) when a setting the fetch needs is missing."""
+        from worker.midas.client import MidasClient
+        from worker.midas.token import make_token_provider
+
+        tokens = make_token_provider(settings, redis=redis)
+        needs_keys = settings.MIDAS_API_VERSION == "v2" or settings.MIDAS_SEND_MP_SIG
+        return cls(
+            source=MidasClient.from_settings(settings, limiter=limiter, tokens=tokens),
+            api_version=settings.MIDAS_API_VERSION,
+            checks=checks_from_settings(settings),
+            settle_seconds=settings.RECON_SETTLE_SECONDS,
+            threads=fetch_threads(settings),
+            deadline_s=batch_deadline_s(settings),
+            cipher=SessionKeyCipher.from_settings(settings) if needs_keys else None,
+        )
+
+
+@dataclass
+class BatchResult:
+    run_id: int
+    kind: str | None = None  # None: the run is gone or not running; nothing was done
+    done: int = 0
+    released: int = 0
+    skipped: int = 0  # ids of the message this batch no longer held (done, or re-claimed)
+    stopped: str | None = None  # the run failed on this batch: why
+    confirm_due: dt.datetime | None = None  # the latest confirming re-fetch this batch needs
+
+
+def run_batch(
+    db: Db, deps: FetchDeps, run_id: int, account_ids: Sequence[int], claim: dt.datetime
+) -> BatchResult:
+    """Fetch and store one batch: start it, fetch (no transaction open), store, reconcile.
+
+    Two short transactions, so no database lock is held while waiting for Midas.
+    """
+    with db() as session:
+        run = repo.get_run(session, run_id)
+        if run is None or run.status != "running":
+            return BatchResult(run_id, skipped=len(account_ids))
+        kind = run.kind
+        items = repo.start_items(session, run_id, account_ids, claim=claim)
+    result = BatchResult(run_id, kind, skipped=len(account_ids) - len(items))
+    if not items:
+        return result
+
+    # `attempts` counts this start too: the batches before it that died are one fewer.
+    given_up = [i for i in items if i.attempts - 1 >= MAX_BATCH_DEATHS]
+    targets = [_target(deps, i) for i in items if i.attempts - 1 < MAX_BATCH_DEATHS]
+    fetch_started = time.monotonic()
+    report = fetch_all(
+        deps.source,
+        targets,
+        threads=deps.threads,
+        deadline=time.monotonic() + deps.deadline_s,
+        policy=deps.policy,
+    )
+    outcomes = report.outcomes + [
+        FetchOutcome(
+            FetchTarget(i.account_id, i.openid, i.zone_id),
+            "error",
+            _now(),
+            errmsg=f"given up: {i.attempts - 1} batches died while fetching this account",
+        )
+        for i in given_up
+    ]
+
+    fetched = time.monotonic()
+    with db() as session:
+        held = repo.lock_held(session, run_id, [i.account_id for i in items], claim=claim)
+        mine = [o for o in outcomes if o.target.account_id in held]
+        stored = insert_snapshots(
+            session, run_id, [_snapshot_row(o, deps.api_version) for o in mine]
+        )
+        by_account = {(s.openid, s.zone_id): s for s in stored}
+        repo.mark_done(
+            session,
+            run_id,
+            {
+                o.target.account_id: by_account[(o.target.openid, o.target.zone_id)].status
+                for o in mine
+            },
+        )
+        back = [t.account_id for t in report.unfetched if t.account_id in held]
+        repo.release(session, run_id, back)
+        fresh_ok = [s.id for s in stored if s.new and s.status == "ok"]
+        if fresh_ok:
+            reconciled = reconcile_snapshots(
+                session,
+                fresh_ok,
+                checks=deps.checks,
+                settle_seconds=deps.settle_seconds,
+                now=_now(),
+            )
+            repo.add_mismatches_opened(session, run_id, reconciled.opened)
+            if reconciled.confirm_due:
+                result.confirm_due = max(due for *_, due in reconciled.confirm_due)
+        if report.stopper is not None:
+            exc = report.stopper
+            result.stopped = describe(exc)
+            if exc.errcode is not None and str(exc.errcode) not in result.stopped:
+                result.stopped = f"errcode {exc.errcode}: {result.stopped}"
+            fail_run(session, run_id, result.stopped)
+    for s in stored:
+        if s.new:
+            SNAPSHOTS.labels(s.status).inc()
+    RUN_ITEMS_DONE.labels(kind).inc(len(mine))
+    result.done, result.released = len(mine), len(back)
+    log.info(
+        "batch_stored",
+        extra={
+            "run_id": run_id,
+            "done": result.done,
+            "released": result.released,
+            "fetch_s": round(fetched - fetch_started, 3),
+            "store_s": round(time.monotonic() - fetched, 3),
+        },
+    )
+    return result
+
+
+def _target(deps: FetchDeps, item: repo.ItemToFetch) -> FetchTarget:
+    key = None
+    if deps.cipher is not None and item.session_key_enc:
+        try:
+            key = deps.cipher.decrypt(item.session_key_enc)
+        except UndecryptableSessionKey:
+            # Fetched without one (unobservable for v2): a rotation dropped a key still in use.
+            log.warning("session_key_undecryptable", extra={"account_id": item.account_id})
+    return FetchTarget(item.account_id, item.openid, item.zone_id, key)
+
+
+def _snapshot_row(outcome: FetchOutcome, api_version: str) -> SnapshotRow:
+    values: tuple[tuple[str, int | bool], ...] = ()
+    if outcome.balance is not None:
+        values = tuple((name, getattr(outcome.balance, name)) for name in VALUE_FIELDS)
+        api_version = outcome.balance.api_version
+    return SnapshotRow(
+        openid=outcome.target.openid,
+        zone_id=outcome.target.zone_id,
+        fetched_at=outcome.fetched_at,
+        status=outcome.status,
+        api_version=api_version,
+        errcode=outcome.errcode,
+        errmsg=outcome.errmsg,
+        values=values,
+    )
+
+
+# -- progress -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunProgress:
+    run_id: int
+    status: str
+    planned: int
+    done: int
+    ok: int
+    unobservable: int
+    error: int
+
+
+def read_progress(session: Session, run_id: int) -> RunProgress:
+    run = _require(session, run_id)
+    counts = repo.item_counts(session, run_id)
+    return RunProgress(
+        run_id,
+        run.status,
+        counts.planned,
+        counts.done,
+        counts.ok,
+        counts.unobservable,
+        counts.error,
+    )
+
+
+# -- embedded mode ------------------------------------------------------------------------------
+
+
+def run_embedded(
+    settings: Settings,
+    business_date: dt.date | None = None,
+    trigger: str = "cli",
+    progress: Callable[[RunProgress], None] | None = None,
+    *,
+    confirm_wait_s: float | None = None,
+) -> Run:
+    """The nightly run of a date in this process (no Redis): plan or join, fetch, finalize,
+    then the confirm pass for the differences it found.
+
+    No beat runs beside the embedded mode, so this waits for the settle window of the cases
+    the run opened (`confirm_wait_s`, default RECON_SETTLE_SECONDS + 10) and re-fetches them.
+    """
+    from worker.midas.limiter import LocalLimiter
+    from worker.recon import rechecks
+
+    db: Db = partial(session_scope, settings.DATABASE_URL)
+    limiter = LocalLimiter(settings.MIDAS_RATE_LIMIT, settings.MIDAS_MAX_IN_FLIGHT)
+    deps = FetchDeps.from_settings(settings, limiter=limiter)
+    with db() as session:
+        started = start_nightly(
+            session, settings, business_date=business_date, trigger=trigger, resume_failed=True
+        )
+    run_id = started.run_id
+    drive(db, deps, run_id, size=batch_size(settings), progress=progress)
+
+    wait_s = settings.RECON_SETTLE_SECONDS + 10 if confirm_wait_s is None else confirm_wait_s
+    until = _now() + dt.timedelta(seconds=wait_s)
+    while True:
+        with db() as session:
+            due = rechecks.last_confirm_due(session, until=until)
+        if due is None:
+            break
+        time.sleep(max(0.0, (due - _now()).total_seconds()) + 0.01)
+        with db() as session:
+            batches = rechecks.plan_confirm_pass(session, settings, size=batch_size(settings))
+        if not batches:  # due accounts are in another process's confirm run
+            break
+        drive(db, deps, batches[0].run_id, size=batch_size(settings), first=batches)
+
+    with db() as session:
+        return _require(session, run_id)
+
+
+def drive(
+    db: Db,
+    deps: FetchDeps,
+    run_id: int,
+    *,
+    size: int,
+    first: Sequence[Batch] = (),
+    progress: Callable[[RunProgress], None] | None = None,
+    poll_s: float = 1.0,
+) -> None:
+    """Pump and fetch one run in this process until it is finished (or failed)."""
+    pending = list(first)
+    while True:
+        for batch in pending:
+            run_batch(db, deps, batch.run_id, batch.account_ids, batch.claim)
+            if progress is not None:
+                with db() as session:
+                    progress(read_progress(session, run_id))
+        with db() as session:
+            pumped = pump(
+                session, run_id, room=lambda _kind: 1, size=size, stale_after_s=EMBEDDED_STALE_S
+            )
+        if pumped.status != "running":
+            if progress is not None:
+                with db() as session:
+                    progress(read_progress(session, run_id))
+            return
+        pending = pumped.batches
+        if not pending:
+            # Claims held by someone else (another process, or a crashed earlier attempt
+            # whose claims become stale): wait for them rather than fetch twice.
+            time.sleep(poll_s)
+
+
+def _require(session: Session, run_id: int) -> Run:
+    run = repo.get_run(session, run_id)
+    if run is None:
+        raise LookupError(f"no run {run_id}")
+    return run
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
