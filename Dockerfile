@@ -1,0 +1,23 @@
+# The one image of every midas-recon service (docker-compose.yml): worker, beat, migrations,
+# simulator. `pip install .` installs the package with its Alembic scripts inside.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    # matplotlib (HTML reports) wants a writable cache folder; the home is the state folder.
+    MPLCONFIGDIR=/tmp/matplotlib
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY worker ./worker
+COPY migrations ./migrations
+RUN pip install . \
+ && useradd --system --uid 10001 --create-home --home-dir /var/lib/midas-recon midas \
+ && rm -rf /src
+
+# Never root: the worker holds session keys and Midas credentials in memory.
+USER midas
+WORKDIR /var/lib/midas-recon
+CMD ["midas-recon", "--help"]

@@ -1,0 +1,156 @@
+"""The statement's figures on the hand-made history of conftest.py."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from tests.reports.conftest import EXPECTED, TREND_OPEN, TREND_TOTALS, TZ, Z2, D
+from worker.db.models import BalanceSnapshot
+from worker.db.session import session_scope
+from worker.reports.statement import (
+    FIGURE_FIELDS,
+    MOVEMENT_FIELDS,
+    StatementUnavailable,
+    build_statement,
+    build_trend,
+    day_bounds,
+    zone_sort_key,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def figures(line: object) -> dict[str, object]:
+    return {f: getattr(line, f) for f in FIGURE_FIELDS}
+
+
+def test_every_figure_matches_the_hand_computed_statement(
+    seeded: tuple[str, dict[str, int]],
+) -> None:
+    url, ids = seeded
+    with session_scope(url) as session:
+        st = build_statement(session, D, tz=TZ)
+    assert st.run.id == ids["r2"] and st.run.status == "complete"
+    assert st.previous_run is not None and st.previous_run.id == ids["r1"]
+    assert [z.zone_id for z in st.zones] == ["1", "2"]
+    assert figures(st.zones[0]) == EXPECTED["1"]
+    assert figures(st.zones[1]) == EXPECTED["2"]
+    assert figures(st.total) == EXPECTED[None]
+    assert st.day_start == dt.datetime(2026, 11, 19, 16, tzinfo=dt.UTC)
+    assert st.day_end == dt.datetime(2026, 11, 20, 16, tzinfo=dt.UTC)
+    for line in [*st.zones, st.total]:  # the coin statement balances by construction
+        assert line.expected_closing is not None and line.closing_balance is not None
+        assert line.residual == line.closing_balance - line.expected_closing
+        assert all(type(getattr(line, f)) is int for f in FIGURE_FIELDS)
+
+
+def test_zone_filter_keeps_one_zone(seeded: tuple[str, dict[str, int]]) -> None:
+    url, _ = seeded
+    with session_scope(url) as session:
+        st = build_statement(session, D, tz=TZ, zone_id="2")
+    assert [z.zone_id for z in st.zones] == ["2"]
+    assert figures(st.total) == Z2 == figures(st.zones[0])
+    assert st.zone_filter == "2"
+
+
+def test_without_a_previous_run_the_movement_is_unknown_not_zero(
+    seeded: tuple[str, dict[str, int]],
+) -> None:
+    url, ids = seeded
+    with session_scope(url) as session:
+        # Make run 1 belong to another date: D has no previous run any more.
+        from worker.db.models import Run
+
+        session.get(Run, ids["r1"]).business_date = dt.date(2026, 11, 1)  # type: ignore[union-attr]
+    with session_scope(url) as session:
+        st = build_statement(session, D, tz=TZ)
+    assert st.previous_run is None
+    for line in [*st.zones, st.total]:
+        assert all(getattr(line, f) is None for f in MOVEMENT_FIELDS)
+    assert st.total.balance == 964 and st.total.day_net == 396  # the rest is still known
+
+
+def test_a_zone_with_no_observed_account_has_unknown_totals(
+    seeded: tuple[str, dict[str, int]],
+) -> None:
+    url, ids = seeded
+    with session_scope(url) as session:
+        session.add(
+            BalanceSnapshot(
+                run_id=ids["r2"],
+                openid="c1",
+                zone_id="3",
+                fetched_at=dt.datetime.now(dt.UTC),
+                status="unobservable",
+                errcode=90016,
+                errmsg="x",
+                api_version="v1",
+            )
+        )
+    with session_scope(url) as session:
+        st = build_statement(session, D, tz=TZ)
+    z3 = st.zones[2]
+    assert (z3.zone_id, z3.accounts, z3.unobservable) == ("3", 1, 1)
+    assert z3.balance is None and z3.save_sum is None
+    assert z3.compared == 0 and z3.opening_balance is None and z3.residual is None
+    assert st.total.balance == 964 and st.total.unobservable == 2
+
+
+@pytest.mark.parametrize(
+    ("day", "message"),
+    [
+        (dt.date(2026, 11, 21), "nightly run #4 for 2026-11-21 is incomplete"),
+        (dt.date(2026, 11, 22), "no nightly run for 2026-11-22"),
+    ],
+)
+def test_no_complete_run_means_no_statement(
+    seeded: tuple[str, dict[str, int]], day: dt.date, message: str
+) -> None:
+    url, _ = seeded
+    with session_scope(url) as session, pytest.raises(StatementUnavailable, match=message):
+        build_statement(session, day, tz=TZ)
+
+
+def test_trend_has_thirty_days_with_gaps_for_missing_runs(
+    seeded: tuple[str, dict[str, int]],
+) -> None:
+    url, _ = seeded
+    with session_scope(url) as session:
+        trend = build_trend(session, D, tz=TZ)
+    assert len(trend.dates) == 30 and trend.dates[-1] == D
+    assert trend.dates[0] == D - dt.timedelta(days=29)
+    for i, day in enumerate(trend.dates):
+        totals = TREND_TOTALS.get(day)
+        got = (trend.balance[i], trend.save_sum[i], trend.cost_sum[i], trend.present_sum[i])
+        assert got == (totals or (None, None, None, None)), day
+        assert trend.open_cases[i] == TREND_OPEN.get(day, 0), day
+
+
+def test_trend_of_one_zone(seeded: tuple[str, dict[str, int]]) -> None:
+    url, _ = seeded
+    with session_scope(url) as session:
+        trend = build_trend(session, D, tz=TZ, zone_id="2")
+    assert trend.balance[-2:] == [300, 500]
+    assert trend.open_cases[-3:] == [0, 2, 2]  # c5 and c7 opened on the 19th
+
+
+def test_business_day_follows_the_time_zone_across_dst() -> None:
+    from zoneinfo import ZoneInfo
+
+    start, end = day_bounds(dt.date(2026, 3, 8), ZoneInfo("America/New_York"))
+    assert end.astimezone(dt.UTC) - start.astimezone(dt.UTC) == dt.timedelta(hours=23)
+
+
+def test_zones_sort_numerically() -> None:
+    assert sorted(["10", "2", "b", "1", "a"], key=zone_sort_key) == ["1", "2", "10", "a", "b"]
+
+
+def test_statement_fields_are_documented() -> None:
+    """Every column of the CSV/JSON is explained in docs/finance.md."""
+    from tests.conftest import ROOT
+
+    text = (ROOT / "docs" / "finance.md").read_text(encoding="utf-8")
+    missing = [f for f in FIGURE_FIELDS if f"`{f}`" not in text]
+    assert not missing, f"docs/finance.md does not explain: {missing}"

@@ -1,0 +1,43 @@
+"""Prometheus metrics (PRODUCT.md §10), defined once and imported where they are counted.
+
+Workers run several processes: set PROMETHEUS_MULTIPROC_DIR so the client library aggregates
+them; `worker.metrics_server` serves the result.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import Counter, Gauge, Histogram
+
+# In multiprocess mode every metric below opens a file in that folder as it is created: make
+# sure the folder exists (a fresh container has no /tmp/prometheus).
+if _multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(_multiproc_dir, exist_ok=True)
+
+MIDAS_REQUESTS = Counter(
+    "midas_requests_total",
+    "Midas API attempts, by endpoint and errcode (0 ok, 'timeout', 'http_5xx', 'malformed').",
+    ["endpoint", "errcode"],
+)
+MIDAS_LATENCY = Histogram(
+    "midas_request_seconds",
+    "Wall time of one Midas HTTP attempt.",
+    ["endpoint"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+LIMITER_WAIT = Histogram(
+    "midas_limiter_wait_seconds",
+    "Time a caller waited for a rate and in-flight slot.",
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1, 5, 30, 60),
+)
+LIMITER_IN_FLIGHT = Gauge(
+    "midas_limiter_in_flight",
+    "Requests holding an in-flight slot in this process.",
+    multiprocess_mode="livesum",
+)
+SNAPSHOTS = Counter("recon_snapshots_total", "Balance snapshots stored, by status.", ["status"])
+CASE_TRANSITIONS = Counter(
+    "recon_case_transitions_total", "Mismatch case transitions, by new status.", ["to_status"]
+)
+RUN_ITEMS_DONE = Counter("recon_run_items_done_total", "Run items finished, by run kind.", ["kind"])
