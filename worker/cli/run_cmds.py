@@ -304,12 +304,10 @@ def _recheck_inline(s: Settings, batch: Any) -> None:
     from functools import partial
 
     from worker.db.session import session_scope
-    from worker.midas.limiter import LocalLimiter
+    from worker.midas.limiter import make_limiter
     from worker.recon.runs import FetchDeps, batch_size, drive
 
-    deps = FetchDeps.from_settings(
-        s, limiter=LocalLimiter(s.MIDAS_RATE_LIMIT, s.MIDAS_MAX_IN_FLIGHT)
-    )
+    deps = FetchDeps.from_settings(s, limiter=make_limiter(s))
     with database_errors():
         drive(
             partial(session_scope, s.DATABASE_URL),
