@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     MIDAS_ACCESS_TOKEN: SecretStr | None = None
     MIDAS_RATE_LIMIT: float = Field(50.0, gt=0, le=100_000)
     MIDAS_MAX_IN_FLIGHT: int = Field(32, ge=1, le=10_000)
+    # Seconds of spread the limiter leaves for the delay between a grant and its arrival at
+    # Midas; the schedule runs at rate / (1 + margin) of the limit (limiter.py explains).
+    MIDAS_RATE_MARGIN_S: float = Field(0.02, ge=0, le=0.5)
     MIDAS_TIMEOUT_S: float = Field(5.0, gt=0, le=120)
 
     RECON_TIMEZONE: str = "Asia/Shanghai"

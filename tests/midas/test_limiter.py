@@ -372,6 +372,14 @@ def test_make_limiter_is_local_without_redis() -> None:
     assert (lim.rate, lim.max_in_flight) == (7, 3)
 
 
+def test_make_limiter_takes_the_rate_margin_from_settings() -> None:
+    wide = make_limiter(load_settings({"MIDAS_RATE_LIMIT": "100", "MIDAS_RATE_MARGIN_S": "0.1"}))
+    assert wide.jitter_s == 0.1
+    assert wide.interval_s == pytest.approx(1.1 / 100)  # 100 grants span 1.1 s
+    default = make_limiter(load_settings({"MIDAS_RATE_LIMIT": "100"}))
+    assert default.interval_s == pytest.approx(1.02 / 100)
+
+
 @pytest.mark.integration
 def test_make_limiter_uses_redis_url(redis_url: str) -> None:
     settings = load_settings(

@@ -238,8 +238,8 @@ def test_killed_workers_lose_nothing_and_fetch_nothing_twice(
         wait_for(lambda: done_items(world.url, run.id) > world.planned // 2, 60, "a half")
         # Then the whole worker, parent and pool, dies at once (OOM killer, lost node): its
         # messages stay unacknowledged, the claims' keys expire, the sweep takes them back.
-        # (The limiter's in-flight slots of the dead processes stay taken for its lease, a
-        # minute: most of the time this test takes.)
+        # (The limiter's in-flight slots of the dead processes stay taken for their lease,
+        # 15 s here: much of the time this test takes.)
         procs.kill("w1")
         killed = time.monotonic()
         at_kill = done_items(world.url, run.id)

@@ -52,6 +52,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 from worker.metrics import LIMITER_IN_FLIGHT, LIMITER_WAIT
+from worker.midas.errors import RetryableError
 
 if TYPE_CHECKING:
     import redis
@@ -369,6 +370,19 @@ return until_us
 """
 
 
+@contextmanager
+def _redis_away_is_retryable() -> Iterator[None]:
+    """Redis unreachable (a restart, a failover): this attempt cannot be scheduled. A
+    RetryableError lets the caller's retry policy try again after a backoff, as for any
+    transient failure, instead of the account ending as an internal error."""
+    import redis as redis_lib
+
+    try:
+        yield
+    except redis_lib.RedisError as exc:
+        raise RetryableError(f"rate limiter unavailable (Redis {type(exc).__name__})") from None
+
+
 class RedisLimiter(_ScheduledLimiter):
     """One limiter for every process on every machine sharing `prefix` in one Redis.
 
@@ -410,17 +424,18 @@ class RedisLimiter(_ScheduledLimiter):
 
     def _reserve(self, holder: str, has_slot: bool) -> tuple[int, int, int]:
         """One acquire step: (status, µs, the reserved moment in Redis µs when granted)."""
-        reply: Any = self._acquire_script(
-            keys=[self._k_schedule, self._k_holders, self._k_pause, self._k_marker],
-            args=[
-                holder,
-                "1" if has_slot else "0",
-                self.max_in_flight,
-                self._lease_us,
-                self._interval_us,
-                self._horizon_us,
-            ],
-        )
+        with _redis_away_is_retryable():
+            reply: Any = self._acquire_script(
+                keys=[self._k_schedule, self._k_holders, self._k_pause, self._k_marker],
+                args=[
+                    holder,
+                    "1" if has_slot else "0",
+                    self.max_in_flight,
+                    self._lease_us,
+                    self._interval_us,
+                    self._horizon_us,
+                ],
+            )
         return int(reply[0]), int(reply[1]), int(reply[2])
 
     def _try(self, holder: str, has_slot: bool) -> tuple[int, float]:
@@ -440,22 +455,26 @@ class RedisLimiter(_ScheduledLimiter):
         # Releases push a token; BLPOP wakes the longest waiter without polling. The timeout
         # covers leases that expire (crashed holders push nothing) and lost tokens.
         # Kept short so a client with a modest socket_timeout never times out on it.
-        self._redis.blpop([self._k_freed], timeout=min(max(timeout_s, 0.01), 0.5))
+        with _redis_away_is_retryable():
+            self._redis.blpop([self._k_freed], timeout=min(max(timeout_s, 0.01), 0.5))
 
     def pause_until(self, unix_ts: float) -> None:
         self._note_local_pause(unix_ts)
-        self._pause_script(keys=[self._k_pause], args=[math.ceil(unix_ts * 1e6)])
+        with _redis_away_is_retryable():
+            self._pause_script(keys=[self._k_pause], args=[math.ceil(unix_ts * 1e6)])
 
     def paused_until(self) -> float | None:
-        reply: Any = self._pause_script(keys=[self._k_pause], args=[0])
+        with _redis_away_is_retryable():
+            reply: Any = self._pause_script(keys=[self._k_pause], args=[0])
         return int(reply) / 1e6 if int(reply) else None
 
 
 def make_limiter(settings: Settings, redis: redis.Redis | None = None) -> Limiter:
     """The fleet limiter when REDIS_URL is set, else the in-process one (embedded mode)."""
     rate, cap = settings.MIDAS_RATE_LIMIT, settings.MIDAS_MAX_IN_FLIGHT
+    margin = settings.MIDAS_RATE_MARGIN_S
     if settings.REDIS_URL is None:
-        return LocalLimiter(rate, cap)
+        return LocalLimiter(rate, cap, jitter_s=margin)
     if redis is None:
         import redis as redis_lib
 
@@ -463,5 +482,10 @@ def make_limiter(settings: Settings, redis: redis.Redis | None = None) -> Limite
             settings.REDIS_URL, socket_timeout=10.0, socket_connect_timeout=5.0
         )
     # A slot is held for the reservation wait (<= 1 s) plus one request; requests' timeout
-    # is per read, so allow several of them before a silent holder is presumed dead.
-    return RedisLimiter(redis, rate, cap, lease_s=max(60.0, 4 * settings.MIDAS_TIMEOUT_S))
+    # is per read, so allow a few of them before a silent holder is presumed dead. Kept short:
+    # a killed process's slots are lost to the whole fleet until their leases run out, while a
+    # lease expiring under a slow-dripping answer only lets the cap be exceeded by one, briefly
+    # (the rate schedule does not depend on leases).
+    return RedisLimiter(
+        redis, rate, cap, jitter_s=margin, lease_s=max(15.0, 3 * settings.MIDAS_TIMEOUT_S)
+    )

@@ -498,11 +498,11 @@ def run_embedded(
     No beat runs beside the embedded mode, so this waits for the settle window of the cases
     the run opened (`confirm_wait_s`, default RECON_SETTLE_SECONDS + 10) and re-fetches them.
     """
-    from worker.midas.limiter import LocalLimiter
+    from worker.midas.limiter import make_limiter
     from worker.recon import rechecks
 
     db: Db = partial(session_scope, settings.DATABASE_URL)
-    limiter = LocalLimiter(settings.MIDAS_RATE_LIMIT, settings.MIDAS_MAX_IN_FLIGHT)
+    limiter = make_limiter(settings)
     deps = FetchDeps.from_settings(settings, limiter=limiter)
     with db() as session:
         started = start_nightly(
