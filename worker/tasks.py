@@ -170,6 +170,30 @@ def _room(kind: str) -> int:
     return max(0, NIGHTLY_QUEUE_DEPTH - waiting)
 
 
+# -- arguments ----------------------------------------------------------------------------------
+
+# Ids are BIGINT; a batch holds at most MAX_BATCH of them (worker.recon.runs).
+_MAX_ID: Final = 2**63 - 1
+_MAX_IDS: Final = 10_000
+
+
+def _is_id(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and 0 < value <= _MAX_ID
+
+
+def _run_id(value: object) -> int:
+    """A run id from a message: refused with a plain ValueError before it reaches SQL."""
+    if not isinstance(value, int) or not _is_id(value):
+        raise ValueError("run_id must be a positive integer")
+    return value
+
+
+def _account_ids(value: object) -> list[int]:
+    if not isinstance(value, list) or len(value) > _MAX_IDS or not all(map(_is_id, value)):
+        raise ValueError("account_ids must be a list of positive integers")
+    return [int(a) for a in value]
+
+
 # -- tasks --------------------------------------------------------------------------------------
 
 
@@ -199,6 +223,7 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
 @project_task("pump")
 def pump(run_id: int) -> None:
     """Claim the next batches of a run while the queue has room; finalize when all is done."""
+    run_id = _run_id(run_id)
     rt = runtime()
     # From here on a new request may send the next pump: this one may not see its work.
     rt.redis.delete(f"midas_recon:pump:{run_id}")
@@ -217,6 +242,7 @@ def pump(run_id: int) -> None:
 @project_task("fetch_batch", soft_time_limit=FETCH_SOFT_LIMIT_S, time_limit=FETCH_HARD_LIMIT_S)
 def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -> None:
     """Fetch, store and compare one claimed batch; ask for the next one."""
+    run_id, account_ids = _run_id(run_id), _account_ids(account_ids)
     if claim is None:
         # Only the pump (and the recheck and confirm planners) hand out batches: a batch
         # without a claim would race them for the same accounts.
@@ -230,14 +256,14 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         # Like 90011: every call would fail. The run stops with the one-line reason (it names
         # the variable, never a value) and resumes with `midas-recon run --date D`.
         with session_scope(rt.settings.DATABASE_URL) as session:
-            service.fail_run(session, int(run_id), f"configuration: {exc}")
+            service.fail_run(session, run_id, f"configuration: {exc}")
         return
     with heartbeat(run_id, token):
         result = service.run_batch(
             lambda: session_scope(rt.settings.DATABASE_URL),
             deps,
-            int(run_id),
-            [int(a) for a in account_ids],
+            run_id,
+            account_ids,
             token,
         )
     if result.kind is not None:
@@ -249,8 +275,9 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
 @project_task("finalize")
 def finalize(run_id: int) -> None:
     """Close the run if every item is done (the pump does this too; this is for operators)."""
+    run_id = _run_id(run_id)
     with session_scope(get_settings().DATABASE_URL) as session:
-        service.finalize(session, int(run_id))
+        service.finalize(session, run_id)
 
 
 @project_task("sweep")
