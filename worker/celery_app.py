@@ -268,5 +268,15 @@ def _connect_signals() -> None:
     # Connecting setup_logging tells Celery not to configure logging itself.
     signals.setup_logging.connect(setup_logging, weak=False, dispatch_uid="midas_recon_logs")
 
+    def refuse_incomplete_production(**_kwargs: Any) -> None:
+        try:
+            get_settings().check_production_start()
+        except ConfigError as exc:
+            print(f"midas-recon: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+
+    for signal in (signals.worker_init, signals.beat_init):
+        signal.connect(refuse_incomplete_production, weak=False, dispatch_uid="midas_recon_prod")
+
 
 _connect_signals()

@@ -165,6 +165,22 @@ class Settings(BaseSettings):
                     # redaction (worker.logs) skips strings this short.
                     raise ConfigError(f"{name} is too short to be a real secret")
 
+    def check_production_start(self) -> None:
+        """In production a worker or beat refuses to start without the secrets its tasks will
+        need (one line naming the variable), instead of failing the run at its first batch."""
+        if self.MIDAS_ENV != "production":
+            return
+        names = ["MIDAS_OFFER_ID", "MIDAS_APP_KEY"]
+        if self.MIDAS_ACCESS_TOKEN is not None:
+            names.append("MIDAS_ACCESS_TOKEN")
+        else:
+            names += ["MIDAS_APPID", "MIDAS_APP_SECRET"]
+        if self.MIDAS_API_VERSION == "v1":
+            names.append("MIDAS_APPID")
+        if self.MIDAS_API_VERSION == "v2" or self.MIDAS_SEND_MP_SIG:
+            names.append("SESSION_KEY_ENCRYPTION_KEY")  # session keys are signed with
+        self.require(*dict.fromkeys(names))
+
 
 def _url_password(url: str | None) -> str | None:
     if not url:

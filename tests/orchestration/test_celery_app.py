@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import datetime as dt
 import inspect
+import os
+import subprocess
+import sys
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -171,3 +175,51 @@ def test_each_message_lands_in_its_own_queue_only(redis_url: str) -> None:
     assert client.llen("recheck") == 2
     assert client.llen("nightly") == 1
     client.close()
+
+
+PRODUCTION = {
+    "MIDAS_ENV": "production",
+    "MIDAS_API_VERSION": "v2",
+    "MIDAS_APPID": "wx-production-app",
+    "MIDAS_OFFER_ID": "1450000000",
+    "MIDAS_APP_KEY": "prod-appkey-4f1e9a2b7c",
+    "MIDAS_APP_SECRET": "prod-secret-8d2c6b1e0f",
+    "SESSION_KEY_ENCRYPTION_KEY": "Zm9vYmFyYmF6cXV4cXV1eGZvb2JhcmJhenF1eHF1dXg=",
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"MIDAS_APP_KEY": "changeme"}, "MIDAS_APP_KEY holds a placeholder value"),
+        ({"MIDAS_APP_SECRET": ""}, "MIDAS_APP_SECRET is not set"),
+        ({"SESSION_KEY_ENCRYPTION_KEY": "xxxx"}, "SESSION_KEY_ENCRYPTION_KEY holds a placeholder"),
+    ],
+)
+def test_production_worker_and_beat_refuse_to_start_without_their_secrets(
+    tmp_path: Path, redis_url: str, change: dict[str, str], named: str
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIDAS_", "RECON_"))}
+    env.update(PRODUCTION, DATABASE_URL=f"sqlite:///{tmp_path}/w.db", REDIS_URL=redis_url)
+    env.update(change)
+    celery = str(Path(sys.executable).with_name("celery"))
+    for role in (["worker", "--pool", "solo"], ["beat", "-s", str(tmp_path / "beat")]):
+        done = subprocess.run(
+            [celery, "-A", "worker", *role, "-l", "WARNING"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, (role, done.stderr[-2000:])
+        # (Celery's own warning about running as root may come first.)
+        last = done.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"midas-recon: {named}"), done.stderr[-2000:]
+        assert "Traceback" not in done.stderr
+
+
+def test_production_settings_with_every_secret_pass_the_start_check() -> None:
+    load_settings(PRODUCTION).check_production_start()
+    # the same settings in sandbox are not checked at start (a test or staging setup)
+    sandbox = load_settings({**PRODUCTION, "MIDAS_ENV": "sandbox", "MIDAS_APP_KEY": ""})
+    sandbox.check_production_start()
