@@ -32,6 +32,11 @@ SECONDS = 6.0
 PATH = "/cgi-bin/midas/sandbox/getbalance"
 
 
+def limiter_margin() -> float:
+    """The margin the processes' limiters use (the class default, as make_limiter's)."""
+    return RedisLimiter(redis.Redis(), RATE, MAX_IN_FLIGHT).jitter_s
+
+
 def _hammer(
     redis_url: str, base_url: str, barrier: Any, results: Any, seconds: float
 ) -> None:  # pragma: no cover - runs in the child processes
@@ -135,4 +140,5 @@ def test_processes_share_one_rate_as_midas_sees_it(redis_url: str) -> None:
         f"tightest {n + 1} arrivals span {tightest:.4f} s, "
         f"rescheduled {sum(r['rescheduled'] for r in reports)}"
     )
-    assert achieved >= 0.95 * RATE
+    # The schedule itself runs at RATE / (1 + margin); the fleet must keep up with it.
+    assert achieved >= 0.97 * RATE / (1 + limiter_margin())
