@@ -227,6 +227,16 @@ def item_counts(session: Session, run_id: int) -> ItemCounts:
     )
 
 
+def has_open_items(session: Session, run_id: int) -> bool:
+    """Whether any item is pending or claimed: the first (run_id, state) index entry will do."""
+    open_item = (
+        select(_items.c.account_id)
+        .where(_items.c.run_id == run_id, _items.c.state.in_(("pending", "claimed")))
+        .exists()
+    )
+    return bool(session.execute(select(open_item)).scalar())
+
+
 # -- claims -------------------------------------------------------------------------------------
 
 
@@ -349,16 +359,24 @@ def lock_held(
 
 
 def mark_done(session: Session, run_id: int, outcomes: dict[int, str]) -> None:
-    """Items done with their snapshot's status; call after the snapshots are inserted."""
+    """Held (claimed) items done with their snapshot's status; call after the snapshots are
+    inserted, in the transaction that locked them (`lock_held`)."""
     if not outcomes:
         return
     by_outcome: dict[str, list[int]] = {}
     for account_id, outcome in outcomes.items():
         by_outcome.setdefault(outcome, []).append(account_id)
     for outcome, ids in by_outcome.items():
+        # `state = 'claimed'` (true of every held item) lets Postgres take the few claimed
+        # entries of the (run_id, state) index: a run planned minutes ago has no statistics
+        # yet, and by `run_id` alone it read all the run's items per batch (bench/scale.py).
         session.execute(
             update(_items)
-            .where(_items.c.run_id == run_id, _items.c.account_id.in_(ids))
+            .where(
+                _items.c.run_id == run_id,
+                _items.c.state == "claimed",
+                _items.c.account_id.in_(ids),
+            )
             .values(state="done", outcome=outcome)
         )
 
