@@ -300,3 +300,35 @@ def test_refresh_ahead_is_done_once_for_everyone(redis_url: str) -> None:
         calls = sim.stats()["token_calls"]
     assert count[0] > 200
     assert 1 <= calls <= 3
+
+
+@pytest.mark.integration
+def test_a_fresh_token_is_reused_in_process_until_invalidated(
+    sim: Simulator, redis_url: str
+) -> None:
+    client = redis.Redis.from_url(redis_url)
+    reads = 0
+    real_get = client.get
+
+    def counting_get(*args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return real_get(*args, **kwargs)
+
+    client.get = counting_get  # type: ignore[method-assign]
+    provider = StableTokenProvider(sim.base_url, APPID, SECRET, redis=client, local_reuse_s=30)
+    first = provider.get()
+    after_first = reads
+    assert all(provider.get() == first for _ in range(100))
+    assert reads == after_first  # no Redis round trip per request while the token is fresh
+    # Another process replaced the token (WeChat answered it 42001 there): ours is refused
+    # too, invalidate() drops the local copy and the next get() reads the shared one.
+    sim.expire_tokens()
+    other = StableTokenProvider(sim.base_url, APPID, SECRET, redis=redis.Redis.from_url(redis_url))
+    other.invalidate(first)
+    replaced = other.get()
+    assert replaced != first
+    assert provider.get() == first  # still the local copy: at worst one more 42001
+    provider.invalidate(first)
+    assert provider.get() == replaced
+    assert sim.stats()["token_calls"] == 2

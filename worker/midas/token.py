@@ -47,6 +47,10 @@ STABLE_TOKEN_PATH = "/cgi-bin/stable_token"  # noqa: S105  (a path, not a passwo
 REFRESH_AHEAD_S = 300.0
 # How often a process waiting for another one's refresh looks at the cache again.
 _POLL_S = 0.05
+# A fresh token read from the shared cache is reused in-process for this long without asking
+# Redis again (one round trip per Midas request otherwise). A token another process replaced
+# meanwhile is answered 42001 at worst: invalidate() drops the local copy, the retry reads anew.
+LOCAL_REUSE_S = 1.0
 
 _TOKEN_MEANINGS = {
     40002: "invalid grant_type",
@@ -202,6 +206,7 @@ class StableTokenProvider:
         timeout_s: float = 5.0,
         refresh_ahead_s: float = REFRESH_AHEAD_S,
         key_prefix: str = "midas:token",
+        local_reuse_s: float = LOCAL_REUSE_S,
     ) -> None:
         if not appid or not app_secret:
             raise ConfigError("MIDAS_APPID and MIDAS_APP_SECRET are needed for stable_token")
@@ -212,6 +217,8 @@ class StableTokenProvider:
         self._timeout_s = timeout_s
         self._refresh_ahead_s = refresh_ahead_s
         self._session = session or requests.Session()
+        self._local_reuse_s = local_reuse_s
+        self._local: tuple[str, float] | None = None  # (fresh token, monotonic reuse deadline)
         # A refresh is one HTTP call (connect + read timeouts); the lock outlives it so that a
         # slow holder is not joined by a second refresher, and waiters give up a bit later.
         lock_ttl_s = 2 * timeout_s + 5
@@ -228,10 +235,16 @@ class StableTokenProvider:
         return f"StableTokenProvider(appid={self._appid!r})"
 
     def get(self) -> str:
+        local = self._local
+        if local is not None and time.monotonic() < local[1]:
+            return local[0]
         deadline = time.monotonic() + self._wait_s
         while True:
             cached = self._read()
             if cached is not None and cached.fresh:
+                # Reusable locally only while it stays fresh by the shared cache's own clock.
+                reuse_s = min(self._local_reuse_s, cached.remaining_s - cached.refresh_ahead_s)
+                self._local = (cached.token, time.monotonic() + reuse_s)
                 return cached.token
             owner = self._try_lock()
             if owner is not None:
@@ -248,6 +261,7 @@ class StableTokenProvider:
             time.sleep(_POLL_S * random.uniform(0.5, 1.5))  # jitter: waiters do not align
 
     def invalidate(self, bad_token: str) -> None:
+        self._local = None
         deadline = time.monotonic() + self._wait_s
         other_refreshed = False
         while True:
