@@ -223,6 +223,9 @@ def configure_logging(
         if getattr(handler, _HANDLER_MARK, False):
             root.removeHandler(handler)
     handler = logging.StreamHandler(stream or sys.stderr)
+    # The level on the handler too: a library or a test may lower a child logger's level,
+    # and that must not put its DEBUG lines into the JSON log.
+    handler.setLevel(level.upper())
     handler.setFormatter(JsonFormatter())
     handler.addFilter(RedactionFilter())
     setattr(handler, _HANDLER_MARK, True)

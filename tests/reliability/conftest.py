@@ -96,7 +96,7 @@ class _RawHandler(logging.Handler):
 WITNESS = Witness()
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _witness_logs() -> Iterator[Witness]:
     """Every record of every logger while the suite runs, the project's before redaction."""
     handler = _RawHandler(WITNESS)
