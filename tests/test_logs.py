@@ -136,3 +136,23 @@ def test_configure_logging_once_with_settings_secrets() -> None:
             if h not in before:
                 root.removeHandler(h)
         root.setLevel(logging.WARNING)
+
+
+def test_a_child_logger_at_debug_does_not_leak_into_an_info_log() -> None:
+    stream = io.StringIO()
+    root = logging.getLogger()
+    before = list(root.handlers)
+    chatty = logging.getLogger("worker.test.chatty")
+    chatty.setLevel(logging.DEBUG)  # as a library or a test harness may do
+    try:
+        configure_logging(None, "INFO", stream=stream)
+        chatty.debug("debug detail")
+        chatty.info("kept")
+        lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+        assert [line["event"] for line in lines] == ["kept"]
+    finally:
+        chatty.setLevel(logging.NOTSET)
+        for h in list(root.handlers):
+            if h not in before:
+                root.removeHandler(h)
+        root.setLevel(logging.WARNING)
