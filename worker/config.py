@@ -167,18 +167,25 @@ class Settings(BaseSettings):
                     # redaction (worker.logs) skips strings this short.
                     raise ConfigError(f"{name} is too short to be a real secret")
 
+    def client_requirements(self) -> list[str]:
+        """The settings the Midas client signs and sends with."""
+        needed = ["MIDAS_OFFER_ID", "MIDAS_APP_KEY"]
+        if self.MIDAS_API_VERSION == "v1":
+            needed.append("MIDAS_APPID")  # v1 puts appid in the signed body
+        return needed
+
+    def token_requirements(self) -> list[str]:
+        """A fixed access token, or what stable_token needs to fetch one."""
+        if self.MIDAS_ACCESS_TOKEN is not None:
+            return ["MIDAS_ACCESS_TOKEN"]
+        return ["MIDAS_APPID", "MIDAS_APP_SECRET"]
+
     def check_production_start(self) -> None:
         """In production a worker or beat refuses to start without the secrets its tasks will
         need (one line naming the variable), instead of failing the run at its first batch."""
         if self.MIDAS_ENV != "production":
             return
-        names = ["MIDAS_OFFER_ID", "MIDAS_APP_KEY"]
-        if self.MIDAS_ACCESS_TOKEN is not None:
-            names.append("MIDAS_ACCESS_TOKEN")
-        else:
-            names += ["MIDAS_APPID", "MIDAS_APP_SECRET"]
-        if self.MIDAS_API_VERSION == "v1":
-            names.append("MIDAS_APPID")
+        names = self.client_requirements() + self.token_requirements()
         if self.MIDAS_API_VERSION == "v2" or self.MIDAS_SEND_MP_SIG:
             names.append("SESSION_KEY_ENCRYPTION_KEY")  # session keys are signed with
         self.require(*dict.fromkeys(names))

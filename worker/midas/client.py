@@ -141,10 +141,7 @@ class MidasClient:
         redis: redis_lib.Redis | None = None,
     ) -> MidasClient:
         """The client for the configured app; ConfigError (one line) when settings are missing."""
-        needed = ["MIDAS_OFFER_ID", "MIDAS_APP_KEY"]
-        if settings.MIDAS_API_VERSION == "v1":
-            needed.append("MIDAS_APPID")  # v1 puts appid in the signed body
-        settings.require(*needed)
+        settings.require(*settings.client_requirements())
         assert settings.MIDAS_OFFER_ID is not None and settings.MIDAS_APP_KEY is not None
         register_settings_secrets(settings)
         return cls(

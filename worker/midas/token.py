@@ -399,10 +399,9 @@ def make_token_provider(
     settings: Settings, redis: redis_lib.Redis | None = None
 ) -> StaticToken | StableTokenProvider:
     """MIDAS_ACCESS_TOKEN when set; else stable_token, cached in Redis when REDIS_URL is set."""
+    settings.require(*settings.token_requirements())
     if settings.MIDAS_ACCESS_TOKEN is not None:
-        settings.require("MIDAS_ACCESS_TOKEN")
         return StaticToken(settings.MIDAS_ACCESS_TOKEN.get_secret_value())
-    settings.require("MIDAS_APPID", "MIDAS_APP_SECRET")
     assert settings.MIDAS_APPID is not None and settings.MIDAS_APP_SECRET is not None
     if redis is None and settings.REDIS_URL is not None:
         import redis as redis_module
