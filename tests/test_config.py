@@ -21,7 +21,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert s.MIDAS_SEND_MP_SIG is False
     assert s.MIDAS_ACCESS_TOKEN is None
     assert (s.MIDAS_RATE_LIMIT, s.MIDAS_MAX_IN_FLIGHT, s.MIDAS_TIMEOUT_S) == (50, 32, 5)
-    assert s.RECON_TIMEZONE == "Asia/Shanghai" and s.nightly_at == time(2, 30)
+    assert s.RECON_TIMEZONE == "Asia/Shanghai" and s.calendar.nightly_at == time(2, 30)
     assert (s.RECON_SETTLE_SECONDS, s.RECON_ACTIVE_DAYS) == (300, 30)
     assert s.secret_values() == []
 

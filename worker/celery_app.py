@@ -28,10 +28,12 @@ from datetime import timedelta
 from typing import Any, Final, TypeVar
 
 from celery import Celery, Task, current_task, signals
+from celery.beat import BeatLazyFunc
 from celery.schedules import crontab
 from kombu.entity import Exchange, Queue
 from kombu.utils.scheduling import priority_cycle
 
+from worker.business_calendar import nightly_date_now
 from worker.config import ConfigError, Settings, get_settings
 
 RECHECK_QUEUE: Final = "recheck"
@@ -100,15 +102,20 @@ class RechecksFirstCycle(priority_cycle):
         return sorted(items, key=lambda q: rank.get(q, len(QUEUES)))
 
 
-def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
-    """The periodic tasks; crontab times are in `RECON_TIMEZONE` (app.conf.timezone)."""
-    at = settings.nightly_at
+def beat_schedule(settings: Settings, app: Celery) -> dict[str, dict[str, Any]]:
+    """The periodic tasks. The nightly fires at RECON_NIGHTLY_AT in RECON_TIMEZONE: the crontab
+    is bound to `app`, whose time zone that is (unbound, it would take the default app's UTC).
+    """
+    at = settings.calendar.nightly_at
     return {
-        # A second beat, or a repeated 02:30 on a DST change, is a no-op: one run per date.
+        # The message carries the business date it stands for, evaluated by beat when it
+        # sends it (BeatLazyFunc): a start that waits in the queue past midnight, or a retry,
+        # keeps its date. A second beat, or a repeated 02:30 on a DST change, is a no-op:
+        # one run per date.
         "nightly-start": {
             "task": "midas_recon.start_nightly",
-            "schedule": crontab(minute=str(at.minute), hour=str(at.hour)),
-            "kwargs": {"trigger": "beat"},
+            "schedule": crontab(minute=str(at.minute), hour=str(at.hour), app=app),
+            "kwargs": {"business_date": BeatLazyFunc(nightly_date_now), "trigger": "beat"},
             "options": {"expires": NIGHTLY_START_EXPIRES_S},
         },
         # Periodic messages expire after their interval: if workers were down, the queued
@@ -180,9 +187,9 @@ def make_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         timezone=settings.RECON_TIMEZONE,
         enable_utc=True,
-        beat_schedule=beat_schedule(settings),
         include=["worker.tasks"],
     )
+    app.conf.beat_schedule = beat_schedule(settings, app)
     return app
 
 

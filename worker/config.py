@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from datetime import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -17,6 +16,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.business_calendar import BusinessCalendar
 
 # Variables that hold credentials: they accept a `_FILE` twin and are never echoed.
 SECRET_VARIABLES = (
@@ -64,6 +65,12 @@ class Settings(BaseSettings):
 
     RECON_TIMEZONE: str = "Asia/Shanghai"
     RECON_NIGHTLY_AT: str = "02:30"
+    # Local time by which the nightly run should be complete (the next day when not later).
+    RECON_NIGHTLY_DEADLINE: str = "08:00"
+    # How far the game's clock may run ahead of or behind ours (worker/business_calendar.py):
+    # intake refuses ledger rows dated further ahead, and a difference is not confirmed while
+    # the account has ledger rows this close to (or after) the confirming fetch.
+    RECON_CLOCK_SKEW_SECONDS: int = Field(120, ge=0, le=3600)
     RECON_SETTLE_SECONDS: int = Field(300, ge=0, le=86_400)
     RECON_ACTIVE_DAYS: int = Field(30, ge=1, le=3650)
     # JSON mapping of the comparison checks (worker/recon/rules.py); unset = PRODUCT.md §5.
@@ -93,7 +100,7 @@ class Settings(BaseSettings):
             raise ValueError("unknown time zone") from exc
         return v
 
-    @field_validator("RECON_NIGHTLY_AT")
+    @field_validator("RECON_NIGHTLY_AT", "RECON_NIGHTLY_DEADLINE")
     @classmethod
     def _hh_mm(cls, v: str) -> str:
         m = re.fullmatch(r"([01]?\d|2[0-3]):([0-5]\d)", v.strip())
@@ -129,9 +136,9 @@ class Settings(BaseSettings):
         return ZoneInfo(self.RECON_TIMEZONE)
 
     @property
-    def nightly_at(self) -> time:
-        hh, mm = self.RECON_NIGHTLY_AT.split(":")
-        return time(int(hh), int(mm))
+    def calendar(self) -> BusinessCalendar:
+        """Business dates, day bounds, the nightly's times and the tolerated clock skew."""
+        return BusinessCalendar.from_settings(self)
 
     @property
     def embedded(self) -> bool:

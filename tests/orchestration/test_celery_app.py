@@ -125,10 +125,10 @@ def test_beat_schedule_follows_the_settings() -> None:
     nightly = schedule["nightly-start"]
     assert isinstance(nightly["schedule"], crontab)
     assert nightly["schedule"].hour == {3} and nightly["schedule"].minute == {45}
-    assert nightly["kwargs"] == {"trigger": "beat"}
-    # Bound to the app the way beat binds it, it fires at 03:45 New York time.
+    assert nightly["kwargs"]["trigger"] == "beat"
+    # As built, with no app set by hand (beat uses the entry as it is): 03:45 New York time.
     sched = nightly["schedule"]
-    sched.app = app
+    assert str(sched.tz) == "America/New_York"
     zone = ZoneInfo("America/New_York")
     last = dt.datetime(2026, 11, 24, 3, 45, tzinfo=zone)
     sched.nowfun = lambda: dt.datetime(2026, 11, 25, 3, 40, tzinfo=zone)
@@ -145,8 +145,31 @@ def test_beat_schedule_follows_the_settings() -> None:
 def test_module_app_uses_the_default_nightly_time() -> None:
     entry = ca.app.conf.beat_schedule["nightly-start"]["schedule"]
     settings = load_settings()  # the environment the module app was built from
-    assert entry.hour == {settings.nightly_at.hour}
-    assert entry.minute == {settings.nightly_at.minute}
+    assert entry.hour == {settings.calendar.nightly_at.hour}
+    assert entry.minute == {settings.calendar.nightly_at.minute}
+    assert str(entry.tz) == settings.RECON_TIMEZONE
+
+
+def test_the_nightly_message_carries_the_date_it_stands_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Beat evaluates the date when it sends: 23:30 in Shanghai on the 24th is the 24th's run,
+    whenever a worker gets to it."""
+    from celery.beat import _evaluate_entry_kwargs
+
+    import worker.business_calendar as bc
+
+    monkeypatch.setenv("RECON_NIGHTLY_AT", "23:30")
+    monkeypatch.setenv("RECON_TIMEZONE", "Asia/Shanghai")
+    settings = load_settings()
+    app = ca.make_app(settings)
+    entry = app.conf.beat_schedule["nightly-start"]
+    sent = dt.datetime(2026, 11, 24, 15, 30, 2, tzinfo=dt.UTC)  # 23:30:02 in Shanghai
+    monkeypatch.setattr(bc, "utcnow", lambda: sent)
+    assert _evaluate_entry_kwargs(entry["kwargs"]) == {
+        "business_date": "2026-11-24",
+        "trigger": "beat",
+    }
 
 
 def test_the_task_decorator_refuses_unknown_names_and_bad_limits() -> None:
