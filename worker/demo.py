@@ -324,7 +324,7 @@ def _import(settings: Settings, accounts_csv: Path, ledger_csv: Path) -> None:
     cipher = SessionKeyCipher.from_settings(settings)
     with session_scope(settings.DATABASE_URL) as session:
         upsert_accounts(session, read_accounts_csv(accounts_csv, cipher=cipher))
-        import_entries(session, read_ledger_csv(ledger_csv))
+        import_entries(session, read_ledger_csv(ledger_csv, calendar=settings.calendar))
 
 
 # -- the run --------------------------------------------------------------------------------

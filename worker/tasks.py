@@ -19,6 +19,7 @@ from typing import Any, Final
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from worker.business_calendar import FutureDate
 from worker.celery_app import (
     FETCH_HARD_LIMIT_S,
     FETCH_SOFT_LIMIT_S,
@@ -208,14 +209,20 @@ TRANSIENT: Final = (OperationalError, InterfaceError, redis.ConnectionError, red
     retry_on=TRANSIENT,
 )
 def start_nightly(business_date: str | None = None, trigger: str = "beat") -> None:
-    """Plan the nightly run of a date (default today in RECON_TIMEZONE); a second start is a
-    no-op."""
+    """Plan the nightly run of the date the message stands for (beat puts it in the message;
+    without one, the date of the latest scheduled start); a second start is a no-op."""
     day = dt.date.fromisoformat(business_date) if business_date is not None else None
     if not isinstance(trigger, str) or not 0 < len(trigger) <= 32:
         raise ValueError("trigger must be a short name")
     rt = runtime()
-    with session_scope(rt.settings.DATABASE_URL) as session:
-        started = service.start_nightly(session, rt.settings, business_date=day, trigger=trigger)
+    try:
+        with session_scope(rt.settings.DATABASE_URL) as session:
+            started = service.start_nightly(
+                session, rt.settings, business_date=day, trigger=trigger
+            )
+    except FutureDate as exc:
+        log.error("nightly_refused", extra={"reason": str(exc)})  # a retry cannot help
+        return
     if started.status == "running":
         request_pump(started.run_id)
 

@@ -11,6 +11,7 @@ import pytest
 from worker.config import ConfigError
 from worker.db.crypto import SessionKeyCipher
 from worker.recon import intake
+from worker.config import load_settings
 from worker.recon.intake import IntakeError, read_accounts_csv, read_ledger_csv
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)
@@ -19,9 +20,11 @@ GOOD = "B1,o6_bmjrPTlm6_2sgVt7hMZOPfL2M,1,save,600,2026-11-24T10:00:00+08:00\n"
 
 WriteCsv = Callable[..., Path]
 
+CAL = load_settings({}).calendar
+
 
 def ledger_rows(path: Path, **kwargs: object) -> list[intake.LedgerRow]:
-    return list(read_ledger_csv(path, now=NOW, **kwargs))  # type: ignore[arg-type]
+    return list(read_ledger_csv(path, now=NOW, calendar=CAL, **kwargs))  # type: ignore[arg-type]
 
 
 def test_ledger_rows_parse_with_spreadsheet_row_numbers(write_csv: WriteCsv) -> None:
@@ -118,7 +121,7 @@ def test_each_bad_ledger_row_is_named_with_its_reason(
 def test_a_wrong_header_is_row_1(write_csv: WriteCsv, header: str, reason: str) -> None:
     path = write_csv("l.csv", header + GOOD)
     with pytest.raises(IntakeError) as caught:
-        read_ledger_csv(path, now=NOW)  # refused before any row is read
+        read_ledger_csv(path, now=NOW, calendar=CAL)  # refused before any row is read
     assert caught.value.row == 1
     assert "the header must be bill_no,openid,zone_id,kind,amount,occurred_at" in str(caught.value)
     assert reason in str(caught.value)
@@ -126,7 +129,7 @@ def test_a_wrong_header_is_row_1(write_csv: WriteCsv, header: str, reason: str) 
 
 def test_an_empty_file_is_refused(write_csv: WriteCsv) -> None:
     with pytest.raises(IntakeError, match="row 1: the file is empty"):
-        read_ledger_csv(write_csv("l.csv", ""), now=NOW)
+        read_ledger_csv(write_csv("l.csv", ""), now=NOW, calendar=CAL)
 
 
 def test_a_header_only_file_has_no_rows(write_csv: WriteCsv) -> None:
@@ -147,7 +150,7 @@ def test_non_utf8_is_named_by_row(write_csv: WriteCsv) -> None:
 def test_a_too_large_file_is_refused_before_reading(write_csv: WriteCsv) -> None:
     path = write_csv("l.csv", LEDGER_HEADER + GOOD * 10)
     with pytest.raises(IntakeError) as caught:
-        read_ledger_csv(path, now=NOW, max_bytes=100)
+        read_ledger_csv(path, now=NOW, max_bytes=100, calendar=CAL)
     assert caught.value.row is None
     assert (
         str(caught.value) == f"the file is {path.stat().st_size:,} bytes, over the 100-byte limit"
@@ -162,7 +165,7 @@ def test_an_overlong_line_is_refused(write_csv: WriteCsv) -> None:
 
 def test_a_missing_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(IntakeError, match="cannot read the file"):
-        read_ledger_csv(tmp_path / "absent.csv", now=NOW)
+        read_ledger_csv(tmp_path / "absent.csv", now=NOW, calendar=CAL)
 
 
 def test_a_repeated_bill_no_is_passed_on_with_its_first_row(write_csv: WriteCsv) -> None:
@@ -174,7 +177,7 @@ def test_a_repeated_bill_no_is_passed_on_with_its_first_row(write_csv: WriteCsv)
 def test_rows_are_read_lazily(write_csv: WriteCsv) -> None:
     # The repository consumes rows batch by batch; a bad row far down surfaces only there.
     path = write_csv("l.csv", LEDGER_HEADER + GOOD + "B2,o1,1,save,0,2026-11-24T10:00:00Z\n")
-    rows = read_ledger_csv(path, now=NOW)
+    rows = read_ledger_csv(path, now=NOW, calendar=CAL)
     assert next(rows).row == 2
     with pytest.raises(IntakeError, match="row 3"):
         next(rows)

@@ -13,6 +13,7 @@ from sqlalchemy import Engine, event, func, select
 from worker.db.ledger import LedgerConflict, LedgerRow, import_entries
 from worker.db.models import LedgerEntry
 from worker.db.session import engine_for, session_scope
+from worker.config import load_settings
 from worker.recon.intake import IntakeError, read_ledger_csv
 
 pytestmark = pytest.mark.integration
@@ -26,6 +27,8 @@ ROWS = (
 )
 
 WriteCsv = Callable[..., Path]
+
+CAL = load_settings({}).calendar
 
 
 def stored(url: str) -> list[tuple[object, ...]]:
@@ -45,7 +48,7 @@ def stored(url: str) -> list[tuple[object, ...]]:
 
 def import_file(url: str, path: Path, batch_size: int = 1000) -> tuple[int, int]:
     with session_scope(url) as session:
-        result = import_entries(session, read_ledger_csv(path), batch_size=batch_size)
+        result = import_entries(session, read_ledger_csv(path, calendar=CAL), batch_size=batch_size)
     return result.inserted, result.already_present
 
 

@@ -95,9 +95,24 @@ def _sqlite_ddl(engine: Engine) -> dict[str, list[str]]:
                 " AND sql IS NOT NULL AND name <> 'alembic_version'"
             )
         ).all()
-    return {
-        name: sorted(part.strip().rstrip(",") for part in sql.splitlines()) for name, sql in found
-    }
+    return {name: sorted(_clauses(sql)) for name, sql in found}
+
+
+def _clauses(sql: str) -> list[str]:
+    """A CREATE statement's clauses, split at the commas outside parentheses: SQLite's ADD
+    COLUMN appends a column to the stored text on the last line, not on a line of its own."""
+    head, _, body = sql.partition("(")
+    body = body.rstrip().removesuffix(")")
+    parts, depth, current = [head.strip()], 0, ""
+    for char in body:
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(" ".join(current.split()))
+            current = ""
+        else:
+            current += char
+    parts.append(" ".join(current.split()))
+    return [p for p in parts if p]
 
 
 def test_sqlite_ddl_is_what_the_models_declare(sqlite_url: str, tmp_path: Path) -> None:

@@ -44,6 +44,7 @@ def deps(script: dict[str, list[object]]) -> runs.FetchDeps:
         api_version="v1",
         checks=DEFAULT_CHECKS,
         settle_seconds=300,
+        skew=dt.timedelta(seconds=120),
         threads=4,
         deadline_s=30,
         policy=RetryPolicy(base_s=0.001, cap_s=0.002),
@@ -67,9 +68,10 @@ def test_one_nightly_run_per_date_planned_from_the_active_accounts(url: str) -> 
     assert first.created and not second.created and first.run_id == second.run_id
     # The idle ones are out; accounts without recorded activity count from their creation.
     assert first.planned == second.planned == 33 and first.status == "running"
-    # Today by default, in RECON_TIMEZONE: 23:30 UTC is already the next day in Shanghai.
+    # Without a date, the date of the latest scheduled start (02:30 in Shanghai): 23:30 UTC
+    # is 07:30 on the 25th there, after that day's 02:30.
     late = dt.datetime(2026, 11, 24, 23, 30, tzinfo=dt.UTC)
-    assert runs.business_today(settings, late) == dt.date(2026, 11, 25)
+    assert settings.calendar.nightly_date_for(late) == dt.date(2026, 11, 25)
 
 
 def test_a_redelivered_or_overtaken_batch_changes_nothing(url: str) -> None:

@@ -180,7 +180,7 @@ def ledger_import(file: Path) -> None:
 
     cfg = settings()
     try:
-        rows = read_ledger_csv(_input_file(file))
+        rows = read_ledger_csv(_input_file(file), calendar=cfg.calendar)
         with database_errors(), session_scope(cfg.DATABASE_URL) as session:
             result = import_entries(session, rows)
     except (IntakeError, LedgerConflict) as exc:

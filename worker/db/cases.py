@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, aliased
 
 from worker.db.models import (
     OPEN_CASE_STATUSES,
+    Account,
     BalanceSnapshot,
     MismatchCase,
     MismatchEvent,
@@ -62,6 +63,49 @@ def current_ok_snapshots(session: Session, snapshot_ids: Sequence[int]) -> list[
         out.extend(session.scalars(query))
     out.sort(key=lambda snap: snap.id)
     return out
+
+
+def lock_accounts_of_snapshots(session: Session, snapshot_ids: Sequence[int]) -> None:
+    """Lock the rows of the snapshots' accounts (in id order) for this transaction.
+
+    Taken before a batch decides which of its snapshots is the newest: a batch and a recheck
+    of the same account then take turns, and the second sees the first one's snapshot as
+    committed, instead of both judging "newest" before either committed and the older
+    snapshot moving cases after the newer one did. SQLite has one writer: a no-op there.
+    """
+    if session.get_bind().dialect.name != "postgresql":
+        return
+    a, s = Account, BalanceSnapshot
+    for chunk in _chunks(list(snapshot_ids)):
+        session.execute(
+            select(a.id)
+            .join(s, and_(s.openid == a.openid, s.zone_id == a.zone_id))
+            .where(s.id.in_(chunk))
+            .order_by(a.id)
+            .with_for_update(of=a)
+        ).all()
+
+
+def lock_suspected_of(
+    session: Session, accounts: Collection[tuple[str, str]]
+) -> list[MismatchCase]:
+    """The suspected cases of these accounts, locked in id order."""
+    return [c for c in lock_open_cases(session, accounts) if c.status == "suspected"]
+
+
+def lock_open_cases_of_other_checks(
+    session: Session, checks: Collection[str]
+) -> list[MismatchCase]:
+    """Open cases whose check is not among `checks` (removed from RECON_CHECKS), locked."""
+    c = MismatchCase
+    query = (
+        select(c)
+        .where(c.status.in_(OPEN_CASE_STATUSES), c.check.not_in(list(checks)))
+        .order_by(c.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return list(session.scalars(query))
 
 
 def lock_open_cases(session: Session, accounts: Collection[tuple[str, str]]) -> list[MismatchCase]:

@@ -46,10 +46,10 @@ def ledger_sums(session: Session, keys: Sequence[AccountAt]) -> dict[AccountAt, 
     return out
 
 
-def _sums_query(chunk: Sequence[AccountAt]) -> Select[tuple[int, str, Any]]:
+def _keys(chunk: Sequence[AccountAt]) -> Any:
     # `fetched_at` is bound with the column's own type so SQLite compares its stored UTC text
     # like with like; the row number `i` maps results back without round-tripping timestamps.
-    k = (
+    return (
         values(
             column("i", Integer),
             column("openid", String),
@@ -60,6 +60,10 @@ def _sums_query(chunk: Sequence[AccountAt]) -> Select[tuple[int, str, Any]]:
         .data([(i, key.openid, key.zone_id, key.at) for i, key in enumerate(chunk)])
         .cte("k")
     )
+
+
+def _sums_query(chunk: Sequence[AccountAt]) -> Select[tuple[int, str, Any]]:
+    k = _keys(chunk)
     ledger = LedgerEntry
     return (
         select(k.c.i, ledger.kind, func.sum(ledger.amount))
@@ -74,3 +78,30 @@ def _sums_query(chunk: Sequence[AccountAt]) -> Select[tuple[int, str, Any]]:
         )
         .group_by(k.c.i, ledger.kind)
     )
+
+
+def accounts_with_entries_after(
+    session: Session, keys: Sequence[AccountAt]
+) -> set[tuple[str, str]]:
+    """The (openid, zone_id) of the keys whose account has a ledger entry dated after `at`."""
+    led = LedgerEntry
+    out: set[tuple[str, str]] = set()
+    unique = list(dict.fromkeys(keys))
+    for start in range(0, len(unique), CHUNK):
+        chunk = unique[start : start + CHUNK]
+        k = _keys(chunk)
+        query = (
+            select(k.c.openid, k.c.zone_id)
+            .where(
+                select(led.id)
+                .where(
+                    led.openid == k.c.openid,
+                    led.zone_id == k.c.zone_id,
+                    led.occurred_at > k.c.fetched_at,
+                )
+                .exists()
+            )
+            .distinct()
+        )
+        out.update((str(o), str(z)) for o, z in session.execute(query))
+    return out

@@ -245,8 +245,14 @@ class MismatchCase(Base):
     first_seen_at: Mapped[dt.datetime]
     last_seen_at: Mapped[dt.datetime]
     opened_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
-    # When a suspected case's confirming re-fetch is due (first_seen + settle window).
+    # When a suspected case's confirming re-fetch is due (first seen, or its difference last
+    # changed, + the settle window; later while ledger rows are within the clock skew).
     confirm_due_at: Mapped[dt.datetime | None]
+    # A suspected case whose confirming re-fetch could not observe the account (an expired
+    # session) waits, with this reason, for the account's next login instead of costing a
+    # request every pass; both null while it is not parked.
+    parked_at: Mapped[dt.datetime | None]
+    parked_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class MismatchEvent(Base):

@@ -123,6 +123,16 @@ def insert_run(
     return int(session.execute(stmt).scalar_one())
 
 
+def nightly_dates_after(session: Session, business_date: dt.date) -> list[dt.date]:
+    """Business dates later than `business_date` that have a nightly run."""
+    query = (
+        select(_runs.c.business_date)
+        .where(_runs.c.kind == "nightly", _runs.c.business_date > business_date)
+        .order_by(_runs.c.business_date)
+    )
+    return list(session.execute(query).scalars())
+
+
 def nightly_run_id(session: Session, business_date: dt.date) -> int | None:
     return session.execute(
         select(_runs.c.id).where(_runs.c.kind == "nightly", _runs.c.business_date == business_date)
@@ -476,9 +486,10 @@ def due_confirm_accounts(
 ) -> list[int]:
     """Accounts with a suspected case due for its confirming re-fetch.
 
-    Left out: accounts already in a running confirm run, and those fetched at/after the due
-    time more recently than `retry_after` (that answer was unobservable or an error, or it
-    would have confirmed or cleared the case): they are tried again later, not every pass.
+    Left out: accounts already in a running confirm run, those fetched at/after the due
+    time more recently than `retry_after` (that answer was an error, or it would have
+    confirmed or cleared the case): they are tried again later, not every pass; and parked
+    cases (unobservable at their re-fetch) until the account's session key is renewed.
     """
     tried = (
         select(_snapshots.c.id)
@@ -499,6 +510,7 @@ def due_confirm_accounts(
         .where(
             _cases.c.status == "suspected",
             _cases.c.confirm_due_at <= now,
+            _not_parked(),
             ~tried,
             _accounts.c.id.not_in(accounts_in_flight(kind="confirm")),
         )
@@ -522,12 +534,27 @@ def last_confirm_due(session: Session, *, until: dt.datetime) -> dt.datetime | N
         .exists()
     )
     return session.execute(
-        select(func.max(_cases.c.confirm_due_at)).where(
+        select(func.max(_cases.c.confirm_due_at))
+        .join(
+            _accounts,
+            (_cases.c.openid == _accounts.c.openid) & (_cases.c.zone_id == _accounts.c.zone_id),
+        )
+        .where(
             _cases.c.status == "suspected",
             _cases.c.confirm_due_at <= until,
+            _not_parked(),
             ~fetched_since_due,
         )
     ).scalar_one_or_none()
+
+
+def _not_parked() -> Any:
+    """A case (joined with its account) that is not parked, or whose account logged in with
+    a new session key since it was parked."""
+    return or_(
+        _cases.c.parked_at.is_(None),
+        _accounts.c.session_key_updated_at > _cases.c.parked_at,
+    )
 
 
 def lock_cursor(session: Session, name: str, *, initial: int, now: dt.datetime) -> int | None:

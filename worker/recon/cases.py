@@ -2,10 +2,20 @@
 operators acknowledge and resolve them with a note. Every transition is an event row.
 
     (new difference) ─► suspected ─┬─ agrees ───────────────────────────► cleared
-                                   ├─ differs at/after confirm_due_at ──► confirmed
+                                   ├─ same difference, settled ─────────► confirmed
                                    └─ operator ack ─────────────────────► acknowledged
     confirmed / acknowledged ── agrees ──► resolved (system)
     any open ── operator resolve ──► resolved
+    any open of a check no longer in RECON_CHECKS ──► resolved (system, with a note)
+
+When is a difference confirmed? This module is the one place that decides: a suspected case
+is confirmed by an `ok` snapshot fetched at or after its `confirm_due_at` that shows the same
+difference (same check, same delta), while the account has no ledger row dated after
+`fetched_at - skew` (a row the game's clock dated near or after the fetch may be a payment
+still in flight). A different delta is a new cause: the case takes the new numbers and its
+settle window starts again; so does a hold for recent ledger rows. Each restart is an event
+(suspected -> suspected, with a note). A confirming re-fetch that cannot observe the account
+parks the case until the account's next login.
 
 Only `ok` snapshots move a case, and only the account's newest one: an `unobservable` or
 `error` answer says nothing about the coins, and an older snapshot must not undo what a newer
@@ -22,7 +32,7 @@ from dataclasses import dataclass, field
 from sqlalchemy.orm import Session
 
 from worker.db import cases as repo
-from worker.db.ledger_totals import AccountAt, ledger_sums
+from worker.db.ledger_totals import AccountAt, accounts_with_entries_after, ledger_sums
 from worker.db.models import OPEN_CASE_STATUSES, BalanceSnapshot, MismatchCase
 from worker.metrics import CASE_TRANSITIONS
 from worker.midas.types import COUNTER_FIELDS
@@ -55,6 +65,7 @@ class ReconcileResult:
     confirmed: int = 0
     cleared: int = 0
     resolved: int = 0
+    restarted: int = 0  # suspected cases whose settle window started again
     # Snapshots not compared: not `ok`, unknown, or overtaken by a newer ok snapshot.
     skipped: int = 0
     confirm_due: list[tuple[str, str, dt.datetime]] = field(default_factory=list)
@@ -67,16 +78,20 @@ def reconcile_snapshots(
     checks: Sequence[Check],
     settle_seconds: int,
     now: dt.datetime,
+    skew: dt.timedelta = dt.timedelta(0),
     actor: str = SYSTEM,
 ) -> ReconcileResult:
     """Compare a batch of snapshots with the ledger and move their accounts' cases.
 
-    Three queries for the whole batch (snapshots, ledger totals, open cases, the last one
-    locking), then one INSERT per new case and the updates. Runs in the caller's transaction.
+    A few queries for the whole batch (account locks, snapshots, ledger totals, open cases,
+    recent ledger rows), then one INSERT per new case and the updates. Runs in the caller's
+    transaction. `skew` is the tolerated clock skew (BusinessCalendar.skew).
     """
     if len({c.name for c in checks}) != len(checks):
         raise ValueError("two checks share a name; a case is keyed by its check's name")
     ids = list(dict.fromkeys(snapshot_ids))
+    # The accounts first, then which snapshot is newest (see the repository's docstring).
+    repo.lock_accounts_of_snapshots(session, ids)
     snapshots = repo.current_ok_snapshots(session, ids)
     result = ReconcileResult(skipped=len(ids) - len(snapshots))
     if not snapshots:
@@ -88,6 +103,20 @@ def reconcile_snapshots(
     }
     due: dict[tuple[str, str], dt.datetime] = {}
     settle = dt.timedelta(seconds=settle_seconds)
+    # Accounts whose suspected case this batch may confirm: do their ledgers hold rows the
+    # game dated within the skew of the fetch (or after it)? One query for the batch.
+    first_due: dict[tuple[str, str], dt.datetime] = {}
+    for (openid, zone_id, _), c in open_cases.items():
+        if c.status == "suspected" and c.confirm_due_at is not None:
+            key = (openid, zone_id)
+            first_due[key] = min(first_due.get(key, c.confirm_due_at), c.confirm_due_at)
+    deciding = [
+        AccountAt(s.openid, s.zone_id, s.fetched_at - skew)
+        for s in snapshots
+        if (s.openid, s.zone_id) in first_due and s.fetched_at >= first_due[s.openid, s.zone_id]
+    ]
+    in_flight = accounts_with_entries_after(session, deciding) if deciding else set()
+    step = _Step(now=now, actor=actor, settle=settle, in_flight=in_flight, result=result, due=due)
 
     for snap in snapshots:
         midas = {name: getattr(snap, name) for name in COUNTER_FIELDS}
@@ -103,13 +132,63 @@ def reconcile_snapshots(
                     result.opened += 1
                     _schedule(due, case)
                     continue
-            _advance(session, case, snap, diff, now=now, actor=actor, result=result, due=due)
+            _advance(session, case, snap, diff, step)
 
     result.confirm_due = sorted(
         ((openid, zone_id, at) for (openid, zone_id), at in due.items()),
         key=lambda d: (d[2], d[0], d[1]),
     )
     return result
+
+
+def park_unobserved(
+    session: Session,
+    accounts: Sequence[tuple[str, str, str]],
+    *,
+    now: dt.datetime,
+    actor: str = SYSTEM,
+) -> int:
+    """Park the due suspected cases of accounts a re-fetch could not observe.
+
+    `accounts` holds (openid, zone_id, why). Such an account (an expired session) stays
+    unobservable until the player logs in again; re-fetching it every pass would spend quota
+    on a known answer. The case keeps its status and waits, with the reason, for the next
+    login (repo: due confirm accounts); the event says so.
+    """
+    why = {(o, z): reason for o, z, reason in accounts}
+    parked = 0
+    for case in repo.lock_suspected_of(session, list(why)):
+        due = case.confirm_due_at
+        if due is not None and due > now:
+            continue
+        # Parked again after a login whose session did not work either: the new time keeps
+        # it waiting for the next login; the first parking is the one worth an event.
+        first = case.parked_at is None
+        reason = f"unobservable at the confirming re-fetch ({why[case.openid, case.zone_id]}); "
+        reason += "waiting for the player's next login"
+        case.parked_at, case.parked_reason = now, reason[:500]
+        if first:
+            _event(session, case, "suspected", "suspected", at=now, actor=actor, note=reason)
+            parked += 1
+    return parked
+
+
+def close_cases_of_removed_checks(
+    session: Session, checks: Sequence[Check], *, now: dt.datetime, actor: str = SYSTEM
+) -> int:
+    """Resolve, with a system note, the open cases of checks RECON_CHECKS no longer names.
+
+    Nothing compares them any more, so they could never move, and a suspected one would be
+    re-fetched by every confirm pass. The events keep what they showed; if the check comes
+    back and the difference is still there, the next snapshot opens a new case.
+    """
+    closed = 0
+    for case in repo.lock_open_cases_of_other_checks(session, [c.name for c in checks]):
+        note = f"check {case.check!r} is no longer in RECON_CHECKS; closed without a verdict"
+        note += f" (was {case.status})"
+        _transition(session, case, "resolved", at=now, actor=actor, note=note)
+        closed += 1
+    return closed
 
 
 def acknowledge(
@@ -180,41 +259,68 @@ def _open(
     raise RuntimeError(f"cannot open or find the open {diff.check} case of snapshot {snap.id}")
 
 
+@dataclass
+class _Step:
+    """What every case of one batch is advanced with."""
+
+    now: dt.datetime
+    actor: str
+    settle: dt.timedelta
+    in_flight: set[tuple[str, str]]  # accounts with ledger rows near or after their fetch
+    result: ReconcileResult
+    due: dict[tuple[str, str], dt.datetime]
+
+
 def _advance(
-    session: Session,
-    case: MismatchCase,
-    snap: BalanceSnapshot,
-    diff: Difference,
-    *,
-    now: dt.datetime,
-    actor: str,
-    result: ReconcileResult,
-    due: dict[tuple[str, str], dt.datetime],
+    session: Session, case: MismatchCase, snap: BalanceSnapshot, diff: Difference, step: _Step
 ) -> None:
     """Move one open case by what an ok snapshot shows for its check."""
     if snap.fetched_at < case.last_seen_at:
         # A newer snapshot (committed by another worker after we chose ours) already spoke.
         return
+    case.parked_at = case.parked_reason = None  # observed again: no longer waiting for a login
     if diff.agrees:
         to = "cleared" if case.status == "suspected" else "resolved"
-        _transition(session, case, to, at=now, actor=actor, diff=diff, snap=snap)
+        _transition(session, case, to, at=step.now, actor=step.actor, diff=diff, snap=snap)
         if to == "cleared":
-            result.cleared += 1
+            step.result.cleared += 1
         else:
-            result.resolved += 1
+            step.result.resolved += 1
         return
+    same_cause = diff.delta == case.delta
     case.midas_value = diff.midas_value
     case.ledger_value = diff.ledger_value
     case.delta = diff.delta
     case.last_seen_at = snap.fetched_at
     if case.status != "suspected":
         return  # confirmed or acknowledged: still differing, nothing new to decide
-    if case.confirm_due_at is None or snap.fetched_at >= case.confirm_due_at:
-        _transition(session, case, "confirmed", at=now, actor=actor, diff=diff, snap=snap)
-        result.confirmed += 1
-    else:
+    restart = None
+    if not same_cause:
+        restart = f"the difference changed to {diff.delta:+d}: a new cause, settling again"
+    elif case.confirm_due_at is not None and snap.fetched_at < case.confirm_due_at:
         # Seen again inside the settle window (a recheck after a payment): not yet proof.
-        _schedule(due, case)
+        _schedule(step.due, case)
+        return
+    elif (snap.openid, snap.zone_id) in step.in_flight:
+        restart = "ledger rows dated within the clock skew of the fetch: payments may be in flight"
+    if restart is None:
+        _transition(session, case, "confirmed", at=step.now, actor=step.actor, diff=diff, snap=snap)
+        step.result.confirmed += 1
+        return
+    case.confirm_due_at = snap.fetched_at + step.settle
+    _event(
+        session,
+        case,
+        "suspected",
+        "suspected",
+        at=step.now,
+        actor=step.actor,
+        diff=diff,
+        snap=snap,
+        note=restart,
+    )
+    step.result.restarted += 1
+    _schedule(step.due, case)
 
 
 def _transition(

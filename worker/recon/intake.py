@@ -16,12 +16,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
+from worker.business_calendar import utcnow
 from worker.db import crypto
 from worker.db.accounts import AccountRow
 from worker.db.ledger import LedgerRow
 from worker.db.models import LEDGER_KINDS
 
 if TYPE_CHECKING:
+    from worker.business_calendar import BusinessCalendar
     from worker.db.crypto import SessionKeyCipher
 
 ACCOUNT_COLUMNS = ("openid", "zone_id", "session_key", "last_active_at")
@@ -33,8 +35,10 @@ LEDGER_COLUMNS = ("bill_no", "openid", "zone_id", "kind", "amount", "occurred_at
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_LINE_BYTES = 64 * 1024  # no valid row comes close; a runaway line is refused early
 MAX_AMOUNT = 10**15  # coins; far above any real balance, far below BIGINT
-# A timestamp later than now by more than this is a wrong clock or a typo. It matters most
-# for session keys: a key dated in the future would block every newer key until then.
+# An activity or login time later than now by more than this is a wrong clock or a typo. It
+# matters most for session keys: a key dated in the future would block every newer key until
+# then. Ledger rows are held to the tighter RECON_CLOCK_SKEW_SECONDS (business_calendar), since
+# a row dated ahead of the fetches is what makes a payment in flight look settled or missing.
 MAX_CLOCK_SKEW = dt.timedelta(minutes=10)
 EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 
@@ -122,8 +126,11 @@ def check_amount(value: str) -> int:
     return amount
 
 
-def check_timestamp(value: object, name: str, *, now: dt.datetime) -> dt.datetime:
-    """An aware datetime, or ISO 8601 text with a UTC offset; returned in UTC."""
+def check_timestamp(
+    value: object, name: str, *, now: dt.datetime, latest: dt.datetime | None = None
+) -> dt.datetime:
+    """An aware datetime, or ISO 8601 text with a UTC offset, no later than `latest` (default
+    now + MAX_CLOCK_SKEW); returned in UTC."""
     if isinstance(value, dt.datetime):
         ts = value
         shown = _show(value.isoformat())
@@ -143,8 +150,14 @@ def check_timestamp(value: object, name: str, *, now: dt.datetime) -> dt.datetim
         raise ValueError(f"{name} {shown} has no UTC offset (add e.g. +08:00 or Z)")
     if ts < EARLIEST:
         raise ValueError(f"{name} {shown} is before {EARLIEST.year}")
-    if ts > now + MAX_CLOCK_SKEW:
-        raise ValueError(f"{name} {shown} is in the future")
+    latest = now + MAX_CLOCK_SKEW if latest is None else latest
+    if ts > latest:
+        ahead = int((ts - now).total_seconds())
+        allowed = int((latest - now).total_seconds())
+        raise ValueError(
+            f"{name} {shown} is in the future: {ahead} s ahead of this clock, at most {allowed} s"
+            " is tolerated (check the game server's clock, or RECON_CLOCK_SKEW_SECONDS)"
+        )
     return ts.astimezone(dt.UTC)
 
 
@@ -196,19 +209,25 @@ def _accounts(
 
 
 def read_ledger_csv(
-    path: Path, *, now: dt.datetime | None = None, max_bytes: int = MAX_FILE_BYTES
+    path: Path,
+    *,
+    calendar: BusinessCalendar,
+    now: dt.datetime | None = None,
+    max_bytes: int = MAX_FILE_BYTES,
 ) -> Iterator[LedgerRow]:
     """Validated ledger rows. The header is checked right away, the rows as they are read.
 
     A bill_no seen earlier in the file is passed on with `repeats_row` set: the repository
     accepts an identical repeat and names both rows when the content differs.
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or utcnow()
     records = _table(path, LEDGER_COLUMNS, LEDGER_COLUMNS, max_bytes)
-    return _ledger(records, now)
+    return _ledger(records, now, calendar.latest_believable(now))
 
 
-def _ledger(records: Iterator[tuple[int, dict[str, str]]], now: dt.datetime) -> Iterator[LedgerRow]:
+def _ledger(
+    records: Iterator[tuple[int, dict[str, str]]], now: dt.datetime, latest: dt.datetime
+) -> Iterator[LedgerRow]:
     seen: dict[str, int] = {}  # bill_no -> first row: the one thing kept per row
     for row, values in records:
         try:
@@ -219,7 +238,9 @@ def _ledger(records: Iterator[tuple[int, dict[str, str]]], now: dt.datetime) -> 
                 zone_id=check_zone_id(values["zone_id"]),
                 kind=check_kind(values["kind"]),
                 amount=check_amount(values["amount"]),
-                occurred_at=check_timestamp(values["occurred_at"], "occurred_at", now=now),
+                occurred_at=check_timestamp(
+                    values["occurred_at"], "occurred_at", now=now, latest=latest
+                ),
                 row=row,
             )
         except ValueError as exc:

@@ -24,8 +24,10 @@ from sqlalchemy.orm import Session
 from worker.config import Settings
 from worker.db import runs as repo
 from worker.db.accounts import AccountRow, upsert_accounts
+from worker.recon.cases import close_cases_of_removed_checks
 from worker.recon.intake import check_bill_no, check_openid, check_zone_id
-from worker.recon.runs import Batch, business_today
+from worker.recon.rules import checks_from_settings
+from worker.recon.runs import Batch
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ def plan_recheck(
     run_id = repo.insert_run(
         session,
         kind="recheck",
-        business_date=business_today(settings, now),
+        business_date=settings.calendar.today(now),
         trigger=request.trigger,
         api_version=settings.MIDAS_API_VERSION,
         now=now,
@@ -146,6 +148,8 @@ def plan_confirm_pass(
     (none when nothing is due)."""
     now = now or dt.datetime.now(dt.UTC)
     repo.serialize_confirm_planning(session)
+    # Cases nobody can decide any more cost no request: closed before the due ones are taken.
+    close_cases_of_removed_checks(session, checks_from_settings(settings), now=now)
     accounts = repo.due_confirm_accounts(
         session,
         now=now,
@@ -157,7 +161,7 @@ def plan_confirm_pass(
     run_id = repo.insert_run(
         session,
         kind="confirm",
-        business_date=business_today(settings, now),
+        business_date=settings.calendar.today(now),
         trigger="confirm-pass",
         api_version=settings.MIDAS_API_VERSION,
         now=now,

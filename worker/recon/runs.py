@@ -38,7 +38,11 @@ from worker.db.models import Run
 from worker.db.session import session_scope
 from worker.db.snapshots import VALUE_FIELDS, SnapshotRow, insert_snapshots
 from worker.metrics import RUN_ITEMS_DONE, SNAPSHOTS
-from worker.recon.cases import reconcile_snapshots
+from worker.recon.cases import (
+    close_cases_of_removed_checks,
+    park_unobserved,
+    reconcile_snapshots,
+)
 from worker.recon.fetch import (
     BalanceSource,
     FetchOutcome,
@@ -103,11 +107,6 @@ def batch_deadline_s(settings: Settings, soft_limit_s: float = 300) -> float:
     return max(30.0, soft_limit_s - _AFTER_DEADLINE_S - 2 * settings.MIDAS_TIMEOUT_S)
 
 
-def business_today(settings: Settings, now: dt.datetime | None = None) -> dt.date:
-    """The business date of `now` in RECON_TIMEZONE."""
-    return (now or _now()).astimezone(settings.tz).date()
-
-
 @dataclass(frozen=True, slots=True)
 class Batch:
     """Account ids of one run claimed together; `claim` identifies this claim."""
@@ -139,6 +138,9 @@ class StartResult:
     status: str
     planned: int
     resumed_from: str | None = None  # a failed run put back to running: its old reason
+    # A backfill: the nightly runs of later dates that exist already (their statements will
+    # compare against this run's balances, fetched after theirs, with a signed window).
+    later_runs: tuple[dt.date, ...] = ()
 
 
 def start_nightly(
@@ -152,11 +154,17 @@ def start_nightly(
 ) -> StartResult:
     """Create and plan the nightly run of a date, or join the one that exists.
 
-    `resume_failed` (an operator, not beat) puts a failed run back to running: its pending
-    items continue, nothing done is fetched again.
+    The date is the one the start stands for (a beat message carries it; without one, the
+    date of the latest scheduled start, business_calendar.nightly_date_for). A date that has
+    not begun is refused (FutureDate): it would observe nothing of that day, and the real
+    night would join it. `resume_failed` (an operator, not beat) puts a failed run back to
+    running: its pending items continue, nothing done is fetched again.
     """
     now = now or _now()
-    day = business_date or business_today(settings, now)
+    calendar = settings.calendar
+    day = business_date or calendar.nightly_date_for(now)
+    calendar.require_begun(day, now)
+    close_cases_of_removed_checks(session, checks_from_settings(settings), now=now)
     run_id = repo.insert_nightly_run(
         session, day, trigger=trigger, api_version=settings.MIDAS_API_VERSION, now=now
     )
@@ -168,7 +176,13 @@ def start_nightly(
         if planned == 0:
             finalize(session, run_id, now=now)
         run = _require(session, run_id)
-        return StartResult(run_id, day, True, run.status, planned)
+        later = tuple(repo.nightly_dates_after(session, day))
+        if later:
+            log.warning(
+                "run_backfill",
+                extra={"run_id": run_id, "business_date": day.isoformat(), "later": len(later)},
+            )
+        return StartResult(run_id, day, True, run.status, planned, later_runs=later)
     existing = repo.nightly_run_id(session, day)
     assert existing is not None  # the conflict says it exists, and runs are never deleted
     resumed = None
@@ -297,6 +311,7 @@ class FetchDeps:
     api_version: str
     checks: Sequence[Check]
     settle_seconds: int
+    skew: dt.timedelta  # the tolerated clock skew (business_calendar)
     threads: int
     deadline_s: float
     cipher: SessionKeyCipher | None = None  # set when session keys are sent (v2, mp_sig)
@@ -317,6 +332,7 @@ class FetchDeps:
             api_version=settings.MIDAS_API_VERSION,
             checks=checks_from_settings(settings),
             settle_seconds=settings.RECON_SETTLE_SECONDS,
+            skew=settings.calendar.skew,
             threads=fetch_threads(settings),
             deadline_s=batch_deadline_s(settings),
             cipher=SessionKeyCipher.from_settings(settings) if needs_keys else None,
@@ -397,11 +413,19 @@ def run_batch(
                 fresh_ok,
                 checks=deps.checks,
                 settle_seconds=deps.settle_seconds,
+                skew=deps.skew,
                 now=_now(),
             )
             repo.add_mismatches_opened(session, run_id, reconciled.opened)
             if reconciled.confirm_due:
                 result.confirm_due = max(due for *_, due in reconciled.confirm_due)
+        unobserved = [
+            (o.target.openid, o.target.zone_id, f"errcode {o.errcode or 'none'}")
+            for o in mine
+            if o.status == "unobservable" and by_account[o.target.openid, o.target.zone_id].new
+        ]
+        if unobserved:
+            park_unobserved(session, unobserved, now=_now())
         if report.stopper is not None:
             exc = report.stopper
             result.stopped = describe(exc)
