@@ -13,9 +13,11 @@ counters and ledger agree, and a known few that do not:
   with API v2 both are unobservable, never zeros;
 - inactive accounts (last seen 45+ days ago): not planned at all.
 
-Accounts and ledger go through the real CSV intake, the nightly run through
-`worker.recon.runs.run_embedded` (the production task code), then the HTML statement is
-written. The summary compares what was found with what was planted.
+Accounts and ledger go through the real CSV intake, two nightly runs through
+`worker.recon.runs.run_embedded` (the production task code): yesterday's (a backfill, as a
+team starting today would make it), then a day's payments booked on both sides, then
+today's. The HTML statement of today compares the two nights (its day is not over, so it is
+marked partial). The summary compares what was found with what was planted.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class Result:
     report: Path
     base_url: str
     plan: Plan
+    first_run_id: int  # yesterday's nightly: the statement's opening side
+    day_payments: int  # booked on both sides between the two nights
     run_id: int
     business_date: dt.date
     status: str
@@ -122,8 +126,10 @@ class Result:
                 f"Planted: {len(p.mismatched)} mismatched, {len(p.in_flight)} payments in "
                 f"flight, {len(p.expired)} expired sessions, {len(p.never_logged_in)} never "
                 f"logged in, {len(p.inactive)} inactive",
-                f"Nightly run #{self.run_id} for {self.business_date}: {self.status} in "
-                f"{self.run_seconds:.1f} s, confirm pass included",
+                f"Nightly run #{self.first_run_id} for the day before, then {self.day_payments} "
+                "payments booked on both sides, then",
+                f"nightly run #{self.run_id} for {self.business_date}: {self.status} in "
+                f"{self.run_seconds:.1f} s for both, confirm passes included",
                 f"  planned {self.planned}, ok {self.ok}, unobservable {self.unobservable}, "
                 f"error {self.error}",
                 f"Mismatch cases: opened {self.opened}, confirmed {len(self.confirmed)} "
@@ -362,10 +368,16 @@ def _reconcile(
             last_at, last_seen = now, seen
             echo(f"demo: run #{p.run_id} {p.status}, {p.done}/{p.planned} accounts fetched")
 
+    today = settings.calendar.today()
     try:
         # Plans, fetches, finalizes, then waits for the settle window and runs the confirm
-        # pass: the same functions the Celery tasks call.
-        run = run_embedded(settings, business_date=None, trigger="demo", progress=progress)
+        # pass: the same functions the Celery tasks call. Yesterday first (a backfill).
+        first = run_embedded(
+            settings, today - dt.timedelta(days=1), trigger="demo", progress=progress
+        )
+        payments = _day_of_payments(settings, sim, plan, folder)
+        echo(f"demo: {payments} payments booked on both sides; today's nightly run starting")
+        run = run_embedded(settings, today, trigger="demo", progress=progress)
     finally:
         stop.set()
         settler.join(timeout=5)
@@ -389,8 +401,8 @@ def _reconcile(
             )
         }
         opened = session.scalar(select(func.count()).select_from(MismatchCase)) or 0
-        statement = build_statement(session, run_row.business_date, tz=settings.tz)
-        trend = build_trend(session, run_row.business_date, tz=settings.tz)
+        statement = build_statement(session, run_row.business_date, calendar=settings.calendar)
+        trend = build_trend(session, run_row.business_date, calendar=settings.calendar)
         report = folder / f"statement-{run_row.business_date}.html"
         report.write_text(render(statement, "html", trend), encoding="utf-8")
         return Result(
@@ -399,6 +411,8 @@ def _reconcile(
             report=report,
             base_url=base_url,
             plan=plan,
+            first_run_id=first.id,
+            day_payments=payments,
             run_id=run_row.id,
             business_date=run_row.business_date,
             status=run_row.status,
@@ -414,6 +428,41 @@ def _reconcile(
             run_seconds=run_seconds,
             seconds=0.0,
         )
+
+
+def _day_of_payments(settings: Settings, sim: Simulator, plan: Plan, folder: Path) -> int:
+    """A day between the two nights: top-ups and spends by a tenth of the observable,
+    agreeing players, applied at Midas and imported into the ledger as a late file."""
+    rng = random.Random(len(plan.mismatched))
+    quiet = set(plan.mismatched) | set(plan.in_flight) | plan.unobservable | plan.inactive
+    everyone = ((p["openid"], p["zone_id"]) for p in sim.players())
+    players = sorted(a for a in everyone if a not in quiet)
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for n, (openid, zone) in enumerate(rng.sample(players, max(1, len(players) // 10))):
+        no = f"demo-day-{n:06d}"
+        balance = int(sim.counters(openid, zone)["balance"])
+        if n % 3 == 2 and balance > 1:
+            amount = rng.randint(1, balance // 2 or 1)
+            sim.pay(openid, zone, amount, no)
+            rows.append((no, openid, zone, "cost", amount, now))
+        else:
+            amount = rng.choice(_TOP_UPS)
+            sim.save(openid, zone, amount, no)
+            rows.append((no, openid, zone, "save", amount, now))
+    path = folder / "ledger-day.csv"
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["bill_no", "openid", "zone_id", "kind", "amount", "occurred_at"])
+        for no, openid, zone, kind, amount, at in rows:
+            writer.writerow([no, openid, zone, kind, amount, at.isoformat()])
+    from worker.db.ledger import import_entries
+    from worker.db.session import session_scope
+    from worker.recon.intake import read_ledger_csv
+
+    with session_scope(settings.DATABASE_URL) as session:
+        import_entries(session, read_ledger_csv(path, calendar=settings.calendar))
+    return len(rows)
 
 
 def _settle_in_flight(url: str, sim: Simulator, plan: Plan, stop: threading.Event) -> None:

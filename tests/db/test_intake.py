@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from worker.config import ConfigError
+from worker.config import ConfigError, load_settings
 from worker.db.crypto import SessionKeyCipher
 from worker.recon import intake
-from worker.config import load_settings
 from worker.recon.intake import IntakeError, read_accounts_csv, read_ledger_csv
 
 NOW = dt.datetime(2026, 11, 24, 12, 0, tzinfo=dt.UTC)

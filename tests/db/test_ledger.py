@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, event, func, select
 
+from worker.config import load_settings
 from worker.db.ledger import LedgerConflict, LedgerRow, import_entries
 from worker.db.models import LedgerEntry
 from worker.db.session import engine_for, session_scope
-from worker.config import load_settings
 from worker.recon.intake import IntakeError, read_ledger_csv
 
 pytestmark = pytest.mark.integration

@@ -142,7 +142,7 @@ def test_a_difference_with_a_new_cause_is_not_confirmed_but_settles_again(
     differing: tuple[Books, MismatchCase, Any],
 ) -> None:
     """+10 in flight settles, a new -30 in flight appears: that is not the +10 confirmed."""
-    books, case, first = differing
+    books, case, _ = differing
     refetch = books.snapshot("o1", DUE, off={"balance": -30})
     result = reconcile(books.session, refetch, now=DUE + MIN)
     assert counts(result) == (0, 0, 0, 0) and result.restarted == 1

@@ -15,10 +15,12 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy.orm import Session
 
+from worker.config import load_settings
 from worker.db.models import BalanceSnapshot, LedgerEntry, MismatchCase, MismatchEvent, Run
 from worker.db.session import session_scope
 
 TZ = ZoneInfo("Asia/Shanghai")
+CAL = load_settings({"RECON_TIMEZONE": "Asia/Shanghai"}).calendar
 D = dt.date(2026, 11, 20)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import datetime as dt
 import io
 import json
 from html.parser import HTMLParser
@@ -161,9 +162,9 @@ def test_zone_option(monkeypatch: pytest.MonkeyPatch, seeded: tuple[str, dict[st
     assert "Zone 2 only" in table and "total" not in table.splitlines()[5]
 
 
-@pytest.mark.parametrize("date", ["2026-11-21", "2026-11-22"])
+@pytest.mark.parametrize("date", ["2026-11-22"])
 @pytest.mark.parametrize("fmt", ["table", "csv", "json", "html"])
-def test_no_complete_run_exits_1_and_prints_no_figures(
+def test_no_finished_run_exits_1_and_prints_no_figures(
     monkeypatch: pytest.MonkeyPatch,
     seeded: tuple[str, dict[str, int]],
     tmp_path: Path,
@@ -179,13 +180,71 @@ def test_no_complete_run_exits_1_and_prints_no_figures(
     assert result.exit_code == 1
     assert result.stdout == "" and not out.exists() and list(tmp_path.iterdir()) == []
     assert result.stderr.startswith("midas-recon: ") and len(result.stderr.splitlines()) == 1
-    assert ("incomplete" if date == "2026-11-21" else "no nightly run") in result.stderr
+    assert "no nightly run" in result.stderr
+
+
+def test_an_incomplete_run_prints_its_statement_with_the_errors(
+    monkeypatch: pytest.MonkeyPatch, seeded: tuple[str, dict[str, int]]
+) -> None:
+    url, ids = seeded
+    table = report(monkeypatch, url, "--date", "2026-11-21").stdout
+    assert f"nightly run #{ids['r4']} of 2026-11-21 (incomplete" in table
+    assert "3 accounts got no answer (error)" in table
+    rows = list(
+        csv.DictReader(
+            io.StringIO(report(monkeypatch, url, "--date", "2026-11-21", "--format", "csv").stdout)
+        )
+    )
+    assert {r["run_status"] for r in rows} == {"incomplete"}
+
+
+@pytest.mark.parametrize("fmt", ["table", "csv", "json", "html"])
+def test_a_day_not_over_is_marked_partial_in_every_format(
+    monkeypatch: pytest.MonkeyPatch, seeded: tuple[str, dict[str, int]], fmt: str
+) -> None:
+    """The same run at 09:00 and at 23:00 gives different day figures: say which it is."""
+    import worker.business_calendar as bc
+
+    url, _ = seeded
+    inside = dt.datetime(2026, 11, 20, 1, 0, tzinfo=dt.UTC)  # 09:00 on the 20th in Shanghai
+    monkeypatch.setattr(bc, "utcnow", lambda: inside)
+    text = report(monkeypatch, url, "--format", fmt).stdout
+    if fmt == "csv":
+        [first, *_] = csv.DictReader(io.StringIO(text))
+        assert first["partial"] == "true" and first["generated_at"].startswith("2026-11-20T09:00")
+    elif fmt == "json":
+        body = json.loads(text)
+        assert body["partial"] is True and body["generated_at"].startswith("2026-11-20T09:00")
+    else:
+        assert "PARTIAL: generated 2026-11-20 09:00:00+08:00" in text
+    monkeypatch.setattr(bc, "utcnow", lambda: inside + dt.timedelta(days=1))
+    later = report(monkeypatch, url, "--date", "2026-11-20", "--format", fmt).stdout
+    assert "PARTIAL" not in later and '"partial": true' not in later and ",true," not in later
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--zone-id", "9"], "zone '9' is unknown"),
+        (["--date", "2099-01-01"], "2099-01-01 has not begun"),
+    ],
+)
+def test_an_unknown_zone_or_a_future_date_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch,
+    seeded: tuple[str, dict[str, int]],
+    args: list[str],
+    message: str,
+) -> None:
+    url, _ = seeded
+    monkeypatch.setenv("DATABASE_URL", url)
+    result = CliRunner().invoke(cli, ["report", "daily", "--date", "2026-11-20", *args])
+    assert result.exit_code == 2 and message in result.stderr and result.stdout == ""
 
 
 def test_bad_date_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, sqlite_url: str) -> None:
     monkeypatch.setenv("DATABASE_URL", sqlite_url)
     result = CliRunner().invoke(cli, ["report", "daily", "--date", "20/11/2026"])
-    assert result.exit_code == 2 and "--date must be YYYY-MM-DD" in result.stderr
+    assert result.exit_code == 2 and "is not a date (YYYY-MM-DD)" in result.stderr
 
 
 def test_unmigrated_database_is_one_clear_line(

@@ -8,14 +8,13 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from tests.reports.conftest import TZ, D, seed
+from tests.reports.conftest import CAL, D, seed
 from worker.db.models import OPEN_CASE_STATUSES, MismatchCase
 from worker.db.session import session_scope
 from worker.reports.statement import (
     MOVEMENT_FIELDS,
     Statement,
     build_statement,
-    day_bounds,
     open_cases_at,
 )
 
@@ -74,7 +73,7 @@ def assert_views_agree(session: Session, st: Statement) -> None:
     )
     assert per_account == {z.zone_id: z.residual for z in compared}
 
-    _, end = day_bounds(st.business_date, TZ)
+    _, end = CAL.day_bounds(st.business_date)
     dialect = session.get_bind().dialect.name
     # The view stores timestamps as the table does; bind the moment the same way.
     at = end.astimezone(dt.UTC)
@@ -94,14 +93,14 @@ def assert_views_agree(session: Session, st: Statement) -> None:
 def test_views_agree_with_the_statement_on_postgres(seeded: tuple[str, dict[str, int]]) -> None:
     url, _ = seeded
     with session_scope(url) as session:
-        assert_views_agree(session, build_statement(session, D, tz=TZ))
+        assert_views_agree(session, build_statement(session, D, calendar=CAL))
 
 
 def test_views_agree_with_the_statement_on_sqlite(sqlite_url: str) -> None:
     with session_scope(sqlite_url) as session:
         seed(session)
     with session_scope(sqlite_url) as session:
-        st = build_statement(session, D, tz=TZ)
+        st = build_statement(session, D, calendar=CAL)
         assert st.total.residual == 20 and st.total.cases_open_at_end == 4
         assert_views_agree(session, st)
 

@@ -6,10 +6,12 @@ configuration. Errors are one readable line on stderr, never a traceback, never 
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import wraps
+from types import ModuleType
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -88,3 +90,21 @@ def _first_line(exc: SQLAlchemyError) -> str:
     orig = getattr(exc, "orig", None)
     text = str(orig if orig is not None else exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def parse_date(value: str) -> dt.date:
+    """A `--date` value (YYYY-MM-DD), or UsageError."""
+    try:
+        return dt.date.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"--date {value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def broker(send: Callable[[ModuleType], None]) -> None:
+    """Send through the workers' own task module (its app is built from this environment)."""
+    from worker import tasks
+
+    try:
+        send(tasks)
+    except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
+        raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None

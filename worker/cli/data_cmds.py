@@ -7,11 +7,21 @@ number and reason, and nothing is stored.
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import click
 from sqlalchemy.engine import make_url
 
-from worker.cli.base import JobFailed, UsageError, cli, database_errors, handle_errors, settings
+from worker.cli.base import (
+    JobFailed,
+    UsageError,
+    broker,
+    cli,
+    database_errors,
+    handle_errors,
+    settings,
+)
+from worker.config import Settings
 
 
 def _where(url: str) -> str:
@@ -164,8 +174,15 @@ def ledger_group() -> None:
 
 @ledger_group.command("import")
 @click.argument("file", type=click.Path(path_type=Path))
+@click.option(
+    "--recheck/--no-recheck",
+    default=True,
+    show_default=True,
+    help="Re-fetch the accounts whose last comparison missed rows of this file (rows dated "
+    "before a fetch already made): in this process without REDIS_URL, by the workers with it.",
+)
 @handle_errors
-def ledger_import(file: Path) -> None:
+def ledger_import(file: Path, recheck: bool) -> None:
     """Import a CSV file with header bill_no,openid,zone_id,kind,amount,occurred_at.
 
     kind is save (top-up), cost (spend), cancel (reversal of a spend) or present (gift);
@@ -173,8 +190,11 @@ def ledger_import(file: Path) -> None:
     One transaction: a bad row rejects the file. Rows already stored identically are skipped,
     so re-importing is harmless; a known bill_no with different content is an error. The game
     may also insert into the ledger_entries table directly (docs).
+
+    A late file (rows dated before fetches already compared) makes those comparisons stale:
+    the accounts concerned are fetched again, so their cases follow the complete ledger.
     """
-    from worker.db.ledger import LedgerConflict, import_entries
+    from worker.db.ledger import LedgerConflict, import_entries, last_id
     from worker.db.session import session_scope
     from worker.recon.intake import IntakeError, read_ledger_csv
 
@@ -182,6 +202,7 @@ def ledger_import(file: Path) -> None:
     try:
         rows = read_ledger_csv(_input_file(file), calendar=cfg.calendar)
         with database_errors(), session_scope(cfg.DATABASE_URL) as session:
+            before = last_id(session)
             result = import_entries(session, rows)
     except (IntakeError, LedgerConflict) as exc:
         raise UsageError(f"{file}: {exc}; nothing was imported") from None
@@ -189,3 +210,43 @@ def ledger_import(file: Path) -> None:
         f"{file}: {result.inserted + result.already_present} entries, {result.inserted} new, "
         f"{result.already_present} already present"
     )
+    if result.inserted and recheck:
+        _recheck_late_accounts(cfg, before)
+
+
+def _recheck_late_accounts(cfg: Settings, before: int) -> None:
+    """Recheck the accounts a late file made stale (see ledger_import)."""
+    from functools import partial
+
+    from worker.db.session import session_scope
+    from worker.recon.rechecks import plan_late_ledger_rechecks
+    from worker.recon.runs import batch_size
+
+    with database_errors(), session_scope(cfg.DATABASE_URL) as session:
+        batches = plan_late_ledger_rechecks(session, cfg, after_id=before, size=batch_size(cfg))
+    if not batches:
+        return
+    planned = sum(len(b.account_ids) for b in batches)
+    run_id = batches[0].run_id
+    if not cfg.embedded:
+
+        def send(tasks: ModuleType) -> None:
+            for batch in batches:
+                tasks.dispatch_batch(batch, "recheck")
+
+        broker(send)
+        click.echo(f"recheck run #{run_id}: {planned} accounts compared before these rows, sent")
+        return
+    from worker.midas.limiter import make_limiter
+    from worker.recon.runs import FetchDeps, drive
+
+    click.echo(f"recheck run #{run_id}: {planned} accounts compared before these rows, fetching")
+    deps = FetchDeps.from_settings(cfg, limiter=make_limiter(cfg))
+    with database_errors():
+        drive(
+            partial(session_scope, cfg.DATABASE_URL),
+            deps,
+            run_id,
+            size=batch_size(cfg),
+            first=batches,
+        )

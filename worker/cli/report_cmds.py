@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import tempfile
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from worker.cli.base import JobFailed, UsageError, cli, handle_errors, settings
+from worker.cli.base import JobFailed, UsageError, cli, handle_errors, parse_date, settings
 from worker.reports.render import FORMATS
 
 
@@ -24,7 +23,8 @@ def report() -> None:
     "--date",
     "date_text",
     metavar="YYYY-MM-DD",
-    help="Business date (default: today in RECON_TIMEZONE). Its nightly run must be complete.",
+    help="Business date (default: today in RECON_TIMEZONE, marked partial until the day is "
+    "over). Its nightly run must have finished (complete, or incomplete with its errors).",
 )
 @click.option("--zone-id", help="Only this zone (default: every zone and a total).")
 @click.option(
@@ -47,21 +47,32 @@ def daily(date_text: str | None, zone_id: str | None, fmt: str, output: Path | N
     Per zone and in total: coverage of the date's nightly run, Midas totals, the coin
     statement against the previous date's run (opening + top-ups + gifts - spends + cancels =
     closing, the residual shown), the ledger of the day and the mismatch cases. Every figure is
-    integer coins; n/a (empty in CSV, null in JSON) means not known. Exits 1 when the date has
-    no complete nightly run. Columns: docs/finance.md.
+    integer coins; n/a (empty in CSV, null in JSON) means not known. A day that is not over
+    yet is marked partial, with the time the statement was made. Exits 1 when the date has no
+    finished nightly run, 2 for a date that has not begun or a zone nothing names.
+    Columns: docs/finance.md.
     """
+    from worker.business_calendar import FutureDate
     from worker.db.session import session_scope
     from worker.reports.render import render
-    from worker.reports.statement import StatementUnavailable, build_statement, build_trend
+    from worker.reports.statement import (
+        StatementUnavailable,
+        UnknownZone,
+        build_statement,
+        build_trend,
+    )
 
     cfg = settings()
-    business_date = _parse_date(date_text) if date_text else dt.datetime.now(cfg.tz).date()
+    calendar = cfg.calendar
+    business_date = parse_date(date_text) if date_text else calendar.today()
     try:
         with session_scope(cfg.DATABASE_URL) as session:
-            statement = build_statement(session, business_date, tz=cfg.tz, zone_id=zone_id)
+            statement = build_statement(session, business_date, calendar=calendar, zone_id=zone_id)
             trend = None
             if fmt == "html":
-                trend = build_trend(session, business_date, tz=cfg.tz, zone_id=zone_id)
+                trend = build_trend(session, business_date, calendar=calendar, zone_id=zone_id)
+    except (FutureDate, UnknownZone) as exc:
+        raise UsageError(str(exc)) from None
     except StatementUnavailable as exc:
         raise JobFailed(str(exc)) from None
     except (OperationalError, ProgrammingError) as exc:
@@ -112,13 +123,6 @@ def demo(players: int, output_dir: Path | None, seed: int) -> None:
     click.echo(result.summary())
     if not result.as_planted:
         raise JobFailed("the demo found something other than what it planted (summary above)")
-
-
-def _parse_date(text: str) -> dt.date:
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        raise UsageError(f"--date must be YYYY-MM-DD, got {text!r}") from None
 
 
 def write_atomically(path: Path, text: str) -> None:

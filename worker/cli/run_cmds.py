@@ -12,13 +12,21 @@ import json
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import click
 
-from worker.cli.base import JobFailed, UsageError, cli, database_errors, handle_errors, settings
+from worker.business_calendar import FutureDate
+from worker.cli.base import (
+    JobFailed,
+    UsageError,
+    broker,
+    cli,
+    database_errors,
+    handle_errors,
+    parse_date,
+    settings,
+)
 from worker.cli.mismatch_cmds import _table
 from worker.config import Settings
 from worker.db.models import RUN_KINDS, Run
@@ -41,6 +49,7 @@ RUN_FIELDS = (
 TABLE_FIELDS = RUN_FIELDS[:-1]
 # --wait: a run that moved nothing for this long is probably missing its workers.
 STALL_HINT_S = 60.0
+STALL_GIVE_UP_S = 600.0
 RECHECK_WAIT_S = 120.0
 
 
@@ -52,44 +61,65 @@ RECHECK_WAIT_S = 120.0
     "--date",
     "day",
     metavar="YYYY-MM-DD",
-    help="Business date of the run (default: today in RECON_TIMEZONE).",
+    help="Business date of the run (default: today in RECON_TIMEZONE). A past date is a "
+    "backfill; a date that has not begun is refused.",
 )
 @click.option(
     "--wait",
     is_flag=True,
     help="Show progress (done/planned, rate, ETA) until the run ends; exit 0 only if complete.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    metavar="SECONDS",
+    help="With --wait: give up (exit 1) after this long; the run goes on. By default --wait "
+    f"gives up only when nothing moved for {STALL_GIVE_UP_S:.0f} s (no worker running?).",
+)
 @handle_errors
-def run_cmd(day: str | None, wait: bool) -> None:
+def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
     """Start the nightly run of a business date, or join it if it exists.
 
     A run never fetches an account twice; a failed run (e.g. a wrong AppKey, the day's quota
     used up) is resumed from where it stopped. With REDIS_URL the workers do the fetching;
     without it (embedded mode) this command does, and always waits.
 
-    Exit status: 0 started (or, with --wait, complete); 1 the run is incomplete or failed.
+    A run for an earlier date than an existing one (a backfill) observes balances now: the
+    later date's statement then compares against them with a signed ledger window
+    (docs/finance.md, "Backfills").
+
+    Exit status: 0 started (or, with --wait, complete); 1 the run is incomplete or failed,
+    or --wait gave up; 2 a bad date (not YYYY-MM-DD, or not begun).
     """
     s = settings()
-    business_date = _parse_date(day)
-    if s.embedded:
-        _run_embedded(s, business_date)
-        return
-    from worker.db.session import session_scope
-    from worker.recon.runs import start_nightly
+    business_date = parse_date(day) if day is not None else None
+    try:
+        if s.embedded:
+            _run_embedded(s, business_date)
+            return
+        from worker.db.session import session_scope
+        from worker.recon.runs import start_nightly
 
-    with database_errors(), session_scope(s.DATABASE_URL) as session:
-        started = start_nightly(
-            session, s, business_date=business_date, trigger="cli", resume_failed=True
-        )
+        with database_errors(), session_scope(s.DATABASE_URL) as session:
+            started = start_nightly(
+                session,
+                s,
+                business_date=business_date or s.calendar.today(),
+                trigger="cli",
+                resume_failed=True,
+            )
+    except FutureDate as exc:
+        raise UsageError(str(exc)) from None
     verb = "started" if started.created else "resumed" if started.resumed_from else "joined"
     click.echo(
         f"run #{started.run_id} for {started.business_date}: {verb}, "
         f"{started.planned} accounts planned, {started.status}"
     )
+    _say_backfill(started.business_date, started.later_runs)
     if started.status == "running":
-        _broker(lambda tasks: tasks.request_pump(started.run_id))
+        broker(lambda tasks: tasks.request_pump(started.run_id))
     if wait:
-        final = _watch(s, started.run_id)
+        final = _watch(s, started.run_id, timeout=timeout)
     else:
         with session_scope(s.DATABASE_URL) as session:
             final = _get(session, started.run_id)
@@ -104,9 +134,21 @@ def _run_embedded(s: Settings, business_date: dt.date | None) -> None:
     bar = _ProgressLine(sys.stderr.isatty())
     click.echo("embedded mode (no REDIS_URL): fetching in this process", err=True)
     with database_errors():
-        final = run_embedded(s, business_date, trigger="cli", progress=bar.update)
+        final = run_embedded(
+            s, business_date or s.calendar.today(), trigger="cli", progress=bar.update
+        )
     bar.close()
     _conclude(final)
+
+
+def _say_backfill(day: dt.date, later: tuple[dt.date, ...]) -> None:
+    if later:
+        click.echo(
+            f"backfill: {day} is earlier than the runs of {', '.join(map(str, later))}; its "
+            f"balances are observed now, and the statement of {later[0]} compares against "
+            "them with a signed ledger window",
+            err=True,
+        )
 
 
 def _conclude(run: Run) -> None:
@@ -123,13 +165,15 @@ def _conclude(run: Run) -> None:
     raise JobFailed(summary)
 
 
-def _watch(s: Settings, run_id: int) -> Run:
-    """Poll Postgres until the run ends, drawing the progress line."""
+def _watch(s: Settings, run_id: int, *, timeout: float | None = None) -> Run:
+    """Poll Postgres until the run ends, drawing the progress line; JobFailed after
+    `timeout`, or when nothing moved for STALL_GIVE_UP_S (no worker is doing the run)."""
     from worker.db.session import session_scope
     from worker.recon.runs import read_progress
 
     bar = _ProgressLine(sys.stderr.isatty())
-    last_done, last_move = -1, time.monotonic()
+    started = time.monotonic()
+    last_done, last_move, last_hint = -1, started, started
     while True:
         with database_errors(), session_scope(s.DATABASE_URL) as session:
             p = read_progress(session, run_id)
@@ -138,14 +182,27 @@ def _watch(s: Settings, run_id: int) -> Run:
                 bar.close()
                 return _get(session, run_id)
         bar.update(p)
+        now = time.monotonic()
         if p.done != last_done:
-            last_done, last_move = p.done, time.monotonic()
-        elif time.monotonic() - last_move > STALL_HINT_S:
+            last_done, last_move = p.done, now
+        still = now - last_move
+        if still > STALL_GIVE_UP_S or (timeout is not None and now - started > timeout):
+            bar.close()
+            why = (
+                f"after {timeout:.0f} s"
+                if timeout is not None and still <= STALL_GIVE_UP_S
+                else (f"after {still:.0f} s without progress")
+            )
+            raise JobFailed(
+                f"run #{run_id}: stopped waiting {why} at {p.done}/{p.planned}; the run goes "
+                "on. Is a worker running (celery -A worker worker -Q recheck,nightly)?"
+            )
+        if still > STALL_HINT_S and now - last_hint > STALL_HINT_S:
             bar.note(
-                f"no progress for {STALL_HINT_S:.0f} s: is a worker running "
+                f"no progress for {still:.0f} s: is a worker running "
                 "(celery -A worker worker -Q recheck,nightly)?"
             )
-            last_move = time.monotonic()
+            last_hint = now
         time.sleep(1.0)
 
 
@@ -269,13 +326,27 @@ def _cell(value: Any) -> str:
 @click.argument("openid")
 @click.option("--zone-id", default="1", show_default=True, help="The account's zone.")
 @click.option("--wait", is_flag=True, help="Wait for the answer and print it.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=RECHECK_WAIT_S,
+    show_default=True,
+    metavar="SECONDS",
+    help="With --wait: give up (exit 1) when no worker answered within this long.",
+)
+@click.option(
+    "--enroll",
+    is_flag=True,
+    help="Recheck an account not known yet, adding it to the accounts (and so to later "
+    "nightly runs). Without it an unknown openid is refused: a typo must not become a player.",
+)
 @handle_errors
-def recheck_cmd(openid: str, zone_id: str, wait: bool) -> None:
+def recheck_cmd(openid: str, zone_id: str, wait: bool, timeout: float, enroll: bool) -> None:
     """Fetch one account's balance now and compare it with the ledger (a recheck run).
 
     Unlike the rechecks after payments this one is not delayed. Exit status with --wait (and
     always in embedded mode): 0 when Midas answered or the account is unobservable, 1 on an
-    error answer.
+    error answer or when no worker answered in time; 2 an unknown account (see --enroll).
     """
     from worker.db.session import session_scope
     from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
@@ -285,18 +356,21 @@ def recheck_cmd(openid: str, zone_id: str, wait: bool) -> None:
         request = validate_recheck(openid, zone_id, "cli")
     except RecheckRejected as exc:
         raise UsageError(str(exc)) from None
-    with database_errors(), session_scope(s.DATABASE_URL) as session:
-        batch = plan_recheck(session, s, request)
+    try:
+        with database_errors(), session_scope(s.DATABASE_URL) as session:
+            batch = plan_recheck(session, s, request, enroll=enroll)
+    except RecheckRejected as exc:
+        raise UsageError(str(exc)) from None
     if s.embedded:
         _recheck_inline(s, batch)
     else:
-        _broker(lambda tasks: tasks.dispatch_batch(batch, "recheck"))
+        broker(lambda tasks: tasks.dispatch_batch(batch, "recheck"))
         click.echo(
             f"recheck run #{batch.run_id} sent for {request.openid} (zone {request.zone_id})"
         )
         if not wait:
             return
-        _wait_for(s, batch.run_id)
+        _wait_for(s, batch.run_id, timeout)
     _print_snapshot(s, batch.run_id)
 
 
@@ -318,17 +392,17 @@ def _recheck_inline(s: Settings, batch: Any) -> None:
         )
 
 
-def _wait_for(s: Settings, run_id: int) -> None:
+def _wait_for(s: Settings, run_id: int, timeout: float) -> None:
     from worker.db.session import session_scope
 
-    give_up = time.monotonic() + RECHECK_WAIT_S
+    give_up = time.monotonic() + timeout
     while time.monotonic() < give_up:
         with database_errors(), session_scope(s.DATABASE_URL) as session:
             if _get(session, run_id).status not in ("planning", "running"):
                 return
         time.sleep(0.5)
     raise JobFailed(
-        f"recheck run #{run_id} not done after {RECHECK_WAIT_S:.0f} s: is a worker running "
+        f"recheck run #{run_id} not done after {timeout:.0f} s: is a worker running "
         "(celery -A worker worker -Q recheck,nightly)?"
     )
 
@@ -356,15 +430,6 @@ def _print_snapshot(s: Settings, run_id: int) -> None:
 # -- helpers ------------------------------------------------------------------------------------
 
 
-def _parse_date(value: str | None) -> dt.date | None:
-    if value is None:
-        return None
-    try:
-        return dt.date.fromisoformat(value)
-    except ValueError:
-        raise UsageError(f"--date {value!r} is not a date (YYYY-MM-DD)") from None
-
-
 def _get(session: Any, run_id: int) -> Run:
     from worker.db.runs import get_run
 
@@ -372,13 +437,3 @@ def _get(session: Any, run_id: int) -> Run:
     if run is None:
         raise JobFailed(f"run #{run_id} vanished")
     return run
-
-
-def _broker(send: Callable[[ModuleType], None]) -> None:
-    """Send through the workers' own task module (its app is built from this environment)."""
-    from worker import tasks
-
-    try:
-        send(tasks)
-    except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
-        raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import cast
 
-from sqlalchemy import Table, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.orm import Session
 
-from worker.db.models import LedgerEntry
+from worker.db.models import Account, BalanceSnapshot, LedgerEntry
 from worker.db.session import dialect_insert
 
 BATCH_SIZE = 1000
@@ -120,3 +120,39 @@ def _verify(session: Session, batch: list[LedgerRow]) -> None:
         differs = [name for name in COMPARED if getattr(entry, name) != getattr(row, name)]
         if differs:
             raise LedgerConflict(row, differs)
+
+
+def last_id(session: Session) -> int:
+    """The highest ledger id so far (0 for an empty ledger)."""
+    return int(session.execute(select(func.max(_ledger.c.id))).scalar_one() or 0)
+
+
+def accounts_compared_without(session: Session, after_id: int) -> list[int]:
+    """Accounts with ledger rows newer than id `after_id` that an `ok` snapshot fetched at or
+    after the earliest of those rows' times has already compared without them: their cases
+    (and their last comparison) are stale until they are fetched again."""
+    led = _ledger
+    snap, acc = cast(Table, BalanceSnapshot.__table__), cast(Table, Account.__table__)
+    late = (
+        select(led.c.openid, led.c.zone_id, func.min(led.c.occurred_at).label("earliest"))
+        .where(led.c.id > after_id)
+        .group_by(led.c.openid, led.c.zone_id)
+        .subquery("late")
+    )
+    compared = (
+        select(snap.c.id)
+        .where(
+            snap.c.openid == late.c.openid,
+            snap.c.zone_id == late.c.zone_id,
+            snap.c.status == "ok",
+            snap.c.fetched_at >= late.c.earliest,
+        )
+        .exists()
+    )
+    query = (
+        select(acc.c.id)
+        .join(late, (late.c.openid == acc.c.openid) & (late.c.zone_id == acc.c.zone_id))
+        .where(compared)
+        .order_by(acc.c.id)
+    )
+    return [int(a) for a in session.execute(query).scalars()]

@@ -22,6 +22,7 @@ from typing import Protocol
 from sqlalchemy.orm import Session
 
 from worker.config import Settings
+from worker.db import ledger as ledger_repo
 from worker.db import runs as repo
 from worker.db.accounts import AccountRow, upsert_accounts
 from worker.recon.cases import close_cases_of_removed_checks
@@ -106,15 +107,23 @@ def plan_recheck(
     settings: Settings,
     request: RecheckRequest,
     *,
+    enroll: bool = True,
     now: dt.datetime | None = None,
 ) -> Batch:
     """A one-account recheck run, its item already claimed for the batch that fetches it.
 
     A payment can come before the account's first login reaches us: the account is then
-    created (activity unknown), which also puts it into the next nightly runs.
+    created (activity unknown), which also puts it into the next nightly runs. An operator's
+    recheck (`enroll=False`) of an account nobody has named is refused (RecheckRejected):
+    a mistyped openid must not become a player.
     """
     now = now or dt.datetime.now(dt.UTC)
     account = repo.account_id(session, request.openid, request.zone_id)
+    if account is None and not enroll:
+        raise RecheckRejected(
+            f"no account {request.openid} in zone {request.zone_id}; check the openid and "
+            "zone, or pass --enroll to add it"
+        )
     if account is None:
         upsert_accounts(session, [AccountRow(request.openid, request.zone_id)], now=now)
         account = repo.account_id(session, request.openid, request.zone_id)
@@ -135,6 +144,45 @@ def plan_recheck(
         extra={"run_id": run_id, "account_id": account, "trigger": request.trigger},
     )
     return Batch(run_id, claimed, now)
+
+
+def plan_late_ledger_rechecks(
+    session: Session,
+    settings: Settings,
+    *,
+    after_id: int,
+    size: int,
+    trigger: str = "ledger-import",
+    now: dt.datetime | None = None,
+) -> list[Batch]:
+    """One recheck run for the accounts a late ledger file made stale, claimed in batches
+    (none when every new row is later than the account's last comparison).
+
+    Rows newer than ledger id `after_id` that are dated before an ok snapshot of their
+    account were missing when that snapshot was compared: its cases (perhaps confirmed) may
+    be wrong now. Fetching those accounts again compares them with the whole ledger, which
+    resolves or confirms their cases the usual way. Rows dated after every fetch need
+    nothing: the next fetch sees them.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    accounts = ledger_repo.accounts_compared_without(session, after_id)
+    if not accounts:
+        return []
+    run_id = repo.insert_run(
+        session,
+        kind="recheck",
+        business_date=settings.calendar.today(now),
+        trigger=trigger,
+        api_version=settings.MIDAS_API_VERSION,
+        now=now,
+    )
+    repo.plan_accounts(session, run_id, accounts)
+    repo.mark_running(session, run_id, planned=len(accounts), now=now)
+    batches = []
+    while ids := repo.claim_pending(session, run_id, limit=size, claim=now):
+        batches.append(Batch(run_id, ids, now))
+    log.info("late_ledger_rechecks_planned", extra={"run_id": run_id, "planned": len(accounts)})
+    return batches
 
 
 def plan_confirm_pass(

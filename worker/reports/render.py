@@ -90,7 +90,16 @@ SECTIONS: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
     ),
 )
 
-CSV_PREFIX = ("business_date", "timezone", "run_id", "run_status", "previous_run_id", "scope")
+CSV_PREFIX = (
+    "business_date",
+    "timezone",
+    "generated_at",
+    "partial",
+    "run_id",
+    "run_status",
+    "previous_run_id",
+    "scope",
+)
 # A spreadsheet runs a text cell starting with one of these as a formula.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
@@ -148,8 +157,24 @@ def header_lines(statement: Statement) -> list[str]:
         lines.append(f"Opening side: {run_line(s.previous_run)}")
     if s.zone_filter is not None:
         lines.append(f"Zone {s.zone_filter} only")
+    if s.run.status != "complete":
+        lines.append(
+            f"The run is {s.run.status}: {s.run.error} accounts got no answer (error) and are "
+            "left out of the totals"
+        )
+    lines.append(generated_line(s))
     lines.append("All figures are integer coins; n/a means not known (never a zero).")
     return lines
+
+
+def generated_line(statement: Statement) -> str:
+    stamp = _stamp(statement.generated_at)
+    if statement.partial:
+        return (
+            f"PARTIAL: generated {stamp}, before the business day is over; the day's ledger "
+            "and case figures cover it up to then"
+        )
+    return f"Generated {stamp}, after the business day ended"
 
 
 def render_table(statement: Statement) -> str:
@@ -181,6 +206,8 @@ def render_csv(statement: Statement) -> str:
     prefix = [
         s.business_date.isoformat(),
         s.timezone,
+        s.generated_at.isoformat(timespec="seconds"),
+        "true" if s.partial else "false",
         s.run.id,
         s.run.status,
         "" if s.previous_run is None else s.previous_run.id,
@@ -208,6 +235,9 @@ def render_html(statement: Statement, trend: Trend) -> str:
             body.append(f'<tr><th scope="row">{e(label)}</th>{cells}</tr>')
     header = "".join(f"<p>{e(line)}</p>" for line in header_lines(s)[1:])
     title = f"Daily coin statement {s.business_date}"
+    if s.partial:
+        title += " (partial)"
+    partial = f'<p class="partial">{e(generated_line(s))}</p>' if s.partial else ""
     first, last = trend.dates[0], trend.dates[-1]
     return f"""<!DOCTYPE html>
 <html lang="en">
@@ -223,12 +253,14 @@ th[scope=row] {{ text-align: left; font-weight: normal; }}
 tr.section th {{ text-align: left; background: #f3f3f3; padding-top: 0.6em; }}
 td.unknown {{ color: #888; }}
 td.attention {{ color: #b00020; font-weight: bold; }}
+p.partial {{ background: #fff4d6; border-left: 4px solid #e0a800; padding: 0.5em 1em; }}
 figure {{ margin: 1em 0; }}
 figcaption, .note {{ color: #555; font-size: 0.9em; }}
 </style>
 </head>
 <body>
 <h1>{e(title)}</h1>
+{partial}
 <p>{e(s.timezone)}, {e(_stamp(s.day_start))} to {e(_stamp(s.day_end))}.</p>
 {header}
 <table>

@@ -6,11 +6,16 @@ One business date, its nightly run, per zone and in total:
   nightly run: opening + top-ups + gifts - spends + cancels = expected closing, against the
   closing Midas shows, the residual being the unexplained difference. The ledger is taken per
   account between its two fetches (occurred_at in (t0, t1]), the reconciliation's own window, so
-  the residual is exactly the change in the accounts' disagreement;
+  the residual is exactly the change in the accounts' disagreement. When the previous date's
+  run was a backfill that fetched after this one, the window is (t1, t0] taken negatively:
+  the order of the runs on the calendar, not on the clock, decides opening and closing;
 - the ledger of the business day (local midnight to midnight in RECON_TIMEZONE), per kind;
 - mismatch cases opened, confirmed, cleared, resolved, acknowledged that day, and open at its end.
 
 Figures that cannot be known are None (no previous run, no account observed), never zero.
+A statement made before its business day is over says so (`partial`): the day's ledger and
+case figures then cover the day up to `generated_at` only. An incomplete run (accounts left
+in error) still has a statement: its error column counts them and the totals leave them out.
 The SQL views of migration 20261124_0002 compute the same numbers for BI tools.
 """
 
@@ -20,13 +25,14 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from sqlalchemy import Select, and_, case, func, literal, or_, select, text
 from sqlalchemy.orm import Session, aliased
 
 from worker.db.models import (
+    Account,
     BalanceSnapshot,
     LedgerEntry,
     MismatchCase,
@@ -34,7 +40,12 @@ from worker.db.models import (
     Run,
 )
 
+if TYPE_CHECKING:
+    from worker.business_calendar import BusinessCalendar
+
 TREND_DAYS = 30
+# Runs a statement can be made from: every account answered, or some left in error (counted).
+STATEMENT_RUN_STATUSES = ("complete", "incomplete")
 CLOSED_CASE_STATUSES = ("cleared", "resolved")  # final: a later difference opens a new case
 EVENT_COLUMNS = {  # case event to_status -> statement column
     "confirmed": "cases_confirmed",
@@ -45,7 +56,11 @@ EVENT_COLUMNS = {  # case event to_status -> statement column
 
 
 class StatementUnavailable(Exception):
-    """The date has no complete nightly run: there is nothing truthful to print."""
+    """The date has no finished nightly run: there is nothing truthful to print."""
+
+
+class UnknownZone(ValueError):
+    """A zone no account, snapshot or ledger row has ever named (a typo, most likely)."""
 
 
 @dataclass(frozen=True)
@@ -156,6 +171,8 @@ class Statement:
     zones: list[ZoneFigures]
     total: ZoneFigures
     generated_at: dt.datetime
+    # The business day was not over at generated_at: its day figures cover part of it.
+    partial: bool = False
 
 
 @dataclass
@@ -170,13 +187,6 @@ class Trend:
     open_cases: list[int] = field(default_factory=list)
 
 
-def day_bounds(business_date: dt.date, tz: ZoneInfo) -> tuple[dt.datetime, dt.datetime]:
-    """Local midnight to the next local midnight (23 or 25 hours on DST days)."""
-    start = dt.datetime.combine(business_date, dt.time(0), tzinfo=tz)
-    end = dt.datetime.combine(business_date + dt.timedelta(days=1), dt.time(0), tzinfo=tz)
-    return start, end
-
-
 def nightly_run(session: Session, business_date: dt.date) -> Run | None:
     return session.scalars(
         select(Run).where(Run.kind == "nightly", Run.business_date == business_date)
@@ -187,31 +197,40 @@ def build_statement(
     session: Session,
     business_date: dt.date,
     *,
-    tz: ZoneInfo,
+    calendar: BusinessCalendar,
     zone_id: str | None = None,
     now: dt.datetime | None = None,
 ) -> Statement:
-    """The statement of `business_date`; StatementUnavailable unless its nightly run is complete."""
+    """The statement of `business_date`; StatementUnavailable unless its nightly run has
+    finished (complete, or incomplete with its errors counted), FutureDate for a date that
+    has not begun, UnknownZone for a zone nothing has named."""
+    from worker.business_calendar import utcnow
+
+    now = now or utcnow()
+    calendar.require_begun(business_date, now)
     _tune_for_reporting(session)
+    if zone_id is not None and not zone_exists(session, zone_id):
+        raise UnknownZone(f"zone {zone_id!r} is unknown: no account or ledger row names it")
+    tz = calendar.tz
     run = nightly_run(session, business_date)
     if run is None:
         raise StatementUnavailable(
             f"no nightly run for {business_date}; start one with `midas-recon run --date "
             f"{business_date}`"
         )
-    if run.status != "complete":
+    if run.status not in STATEMENT_RUN_STATUSES:
         detail = f"planned {run.planned}, ok {run.ok}, unobservable {run.unobservable}, "
         detail += f"error {run.error}"
         if run.failure_reason:
             detail += f"; reason: {run.failure_reason}"
         raise StatementUnavailable(
             f"the nightly run #{run.id} for {business_date} is {run.status} ({detail}); "
-            "the statement needs a complete run"
+            "the statement needs a finished run (complete or incomplete)"
         )
     # Any status will do for the opening side: its ok snapshots are true observations, and
     # only accounts observed in both runs are compared ("compared" says how many).
     previous = nightly_run(session, business_date - dt.timedelta(days=1))
-    start, end = day_bounds(business_date, tz)
+    start, end = calendar.day_bounds(business_date)
 
     zones: dict[str, ZoneFigures] = {}
 
@@ -256,14 +275,15 @@ def build_statement(
     return Statement(
         business_date=business_date,
         timezone=tz.key,
-        day_start=start,
-        day_end=end,
+        day_start=start.astimezone(tz),
+        day_end=end.astimezone(tz),
         zone_filter=zone_id,
         run=RunInfo.of(run, tz),
         previous_run=RunInfo.of(previous, tz) if previous is not None else None,
         zones=ordered,
         total=total_of(ordered),
-        generated_at=(now or dt.datetime.now(dt.UTC)).astimezone(tz),
+        generated_at=now.astimezone(tz),
+        partial=not calendar.is_over(business_date, now),
     )
 
 
@@ -271,7 +291,7 @@ def build_trend(
     session: Session,
     business_date: dt.date,
     *,
-    tz: ZoneInfo,
+    calendar: BusinessCalendar,
     zone_id: str | None = None,
     days: int = TREND_DAYS,
 ) -> Trend:
@@ -304,7 +324,7 @@ def build_trend(
         row = by_date.get(d)
         for name in ("balance", "save_sum", "cost_sum", "present_sum"):
             getattr(trend, name).append(None if row is None else int(getattr(row, name)))
-    ends = [day_bounds(d, tz)[1] for d in dates]
+    ends = [calendar.day_bounds(d)[1] for d in dates]
     per_zone = open_cases_at(session, ends, zone_id)
     trend.open_cases = [sum(counts[i] for counts in per_zone.values()) for i in range(len(ends))]
     return trend
@@ -350,6 +370,14 @@ def open_cases_at(
     ]
     rows = session.execute(select(iv.c.zone_id, *columns).group_by(iv.c.zone_id))
     return {row[0]: [int(v or 0) for v in row[1:]] for row in rows}
+
+
+def zone_exists(session: Session, zone_id: str) -> bool:
+    """Whether any account or ledger row names the zone."""
+    for column in (Account.zone_id, LedgerEntry.zone_id):
+        if session.execute(select(column).where(column == zone_id).limit(1)).first():
+            return True
+    return False
 
 
 def total_of(zones: Iterable[ZoneFigures]) -> ZoneFigures:
@@ -455,10 +483,11 @@ def _movement(session: Session, run_id: int, previous_id: int, zone_id: str | No
         .subquery("counters")
     )
 
-    def ledger_sum(kind: str) -> Any:
-        return func.sum(case((led.kind == kind, led.amount), else_=0))
-
-    # The reconciliation's own window: what happened after the first fetch, up to the second.
+    # The reconciliation's own window: what happened after the previous date's fetch, up to
+    # this one; when the previous date's run fetched later (a backfill), what happened after
+    # this fetch up to that one, with a minus sign.
+    forward = prev.fetched_at <= cur.fetched_at
+    sign = case((forward, 1), else_=-1)
     flows = (
         compared()
         .join(
@@ -466,16 +495,26 @@ def _movement(session: Session, run_id: int, previous_id: int, zone_id: str | No
             and_(
                 led.openid == cur.openid,
                 led.zone_id == cur.zone_id,
-                led.occurred_at > prev.fetched_at,
-                led.occurred_at <= cur.fetched_at,
+                or_(
+                    and_(
+                        forward,
+                        led.occurred_at > prev.fetched_at,
+                        led.occurred_at <= cur.fetched_at,
+                    ),
+                    and_(
+                        ~forward,
+                        led.occurred_at > cur.fetched_at,
+                        led.occurred_at <= prev.fetched_at,
+                    ),
+                ),
             ),
         )
         .add_columns(
             cur.zone_id,
-            ledger_sum("save").label("top_ups"),
-            ledger_sum("present").label("gifts"),
-            ledger_sum("cost").label("spends"),
-            ledger_sum("cancel").label("cancels"),
+            func.sum(sign * case((led.kind == "save", led.amount), else_=0)).label("top_ups"),
+            func.sum(sign * case((led.kind == "present", led.amount), else_=0)).label("gifts"),
+            func.sum(sign * case((led.kind == "cost", led.amount), else_=0)).label("spends"),
+            func.sum(sign * case((led.kind == "cancel", led.amount), else_=0)).label("cancels"),
         )
         .group_by(cur.zone_id)
         .subquery("flows")
