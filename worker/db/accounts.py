@@ -20,6 +20,7 @@ from typing import Any, cast
 from sqlalchemy import Table, and_, bindparam, case, or_, select, update
 from sqlalchemy.orm import Session
 
+from worker import business_calendar as clock
 from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
 from worker.db.models import Account
 from worker.db.session import dialect_insert
@@ -59,7 +60,7 @@ def upsert_accounts(
     batch_size: int = BATCH_SIZE,
 ) -> UpsertResult:
     """Insert or merge `rows` (each account at most once); the caller's transaction commits."""
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or clock.utcnow()
     new = updated = 0
     source = iter(rows)
     for batch in iter(lambda: list(islice(source, batch_size)), []):

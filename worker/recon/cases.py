@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
+from worker import business_calendar as clock
 from worker.db import cases as repo
 from worker.db.ledger_totals import AccountAt, accounts_with_entries_after, ledger_sums
 from worker.db.models import OPEN_CASE_STATUSES, BalanceSnapshot, MismatchCase
@@ -202,7 +203,7 @@ def acknowledge(
             f"case {case_id} is {case.status}; only a suspected or confirmed case can be "
             "acknowledged"
         )
-    _transition(session, case, "acknowledged", at=now or _now(), actor=who, note=note)
+    _transition(session, case, "acknowledged", at=now or clock.utcnow(), actor=who, note=note)
     return case
 
 
@@ -214,7 +215,7 @@ def resolve(
     case = _lock(session, case_id)
     if case.status not in OPEN_CASE_STATUSES:
         raise TransitionRefused(f"case {case_id} is already {case.status}; it cannot be resolved")
-    _transition(session, case, "resolved", at=now or _now(), actor=who, note=note)
+    _transition(session, case, "resolved", at=now or clock.utcnow(), actor=who, note=note)
     return case
 
 
@@ -402,7 +403,3 @@ def _operator_input(note: str, actor: str) -> tuple[str, str]:
     if not _OPERATOR_NAME.fullmatch(name):
         raise CaseError("the actor must be a name of 1 to 55 characters without spaces")
     return note, OPERATOR_PREFIX + name
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

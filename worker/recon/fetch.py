@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from worker import business_calendar as clock
 from worker.midas.errors import (
     AccountUnobservable,
     MidasError,
@@ -103,10 +104,6 @@ def describe(exc: BaseException) -> str:
     return text[:ERRMSG_MAX]
 
 
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 class _Stopped(Exception):
     """The batch was told to stop (a run stopper elsewhere, the deadline) before an attempt."""
 
@@ -132,22 +129,26 @@ def fetch_one(
             raise
         except AccountUnobservable as exc:
             return FetchOutcome(
-                target, "unobservable", _now(), None, exc.errcode, describe(exc), attempt
+                target, "unobservable", clock.utcnow(), None, exc.errcode, describe(exc), attempt
             )
         except QuotaPaused as exc:
             attempt -= 1  # the limiter waits out the pause; this was not the account's fault
             quota_waits += 1
             if quota_waits > policy.quota_waits:
-                return FetchOutcome(target, "error", _now(), None, exc.errcode, describe(exc), 0)
+                return FetchOutcome(
+                    target, "error", clock.utcnow(), None, exc.errcode, describe(exc), 0
+                )
             continue
         except RequestRejected as exc:
-            return FetchOutcome(target, "error", _now(), None, exc.errcode, describe(exc), attempt)
+            return FetchOutcome(
+                target, "error", clock.utcnow(), None, exc.errcode, describe(exc), attempt
+            )
         except MidasError as exc:
             # RetryableError, MidasTimeout, MalformedResponse, and a TokenError the client's
             # one refresh did not cure (the token service may be catching up).
             if attempt >= policy.attempts:
                 return FetchOutcome(
-                    target, "error", _now(), None, exc.errcode, describe(exc), attempt
+                    target, "error", clock.utcnow(), None, exc.errcode, describe(exc), attempt
                 )
             log.info(
                 "midas_retry",
@@ -157,8 +158,8 @@ def fetch_one(
             continue
         except Exception as exc:  # a bug must not lose the account: record it as an error
             log.exception("fetch_internal_error", extra={"account_id": target.account_id})
-            return FetchOutcome(target, "error", _now(), None, None, describe(exc), attempt)
-        return FetchOutcome(target, "ok", _now(), balance, None, None, attempt)
+            return FetchOutcome(target, "error", clock.utcnow(), None, None, describe(exc), attempt)
+        return FetchOutcome(target, "ok", clock.utcnow(), balance, None, None, attempt)
 
 
 def fetch_all(

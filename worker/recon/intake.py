@@ -16,7 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from worker.business_calendar import utcnow
+from worker import business_calendar as clock
 from worker.db import crypto
 from worker.db.accounts import AccountRow
 from worker.db.ledger import LedgerRow
@@ -176,7 +176,7 @@ def read_accounts_csv(
     A session key without last_active_at is taken as current at `now` (the import).
     `cipher` may be None for files without session keys (the v1 API needs none).
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or clock.utcnow()
     records = _table(path, ACCOUNT_COLUMNS, ACCOUNT_REQUIRED, max_bytes)
     return _accounts(records, cipher, now)
 
@@ -220,7 +220,7 @@ def read_ledger_csv(
     A bill_no seen earlier in the file is passed on with `repeats_row` set: the repository
     accepts an identical repeat and names both rows when the content differs.
     """
-    now = now or utcnow()
+    now = now or clock.utcnow()
     records = _table(path, LEDGER_COLUMNS, LEDGER_COLUMNS, max_bytes)
     return _ledger(records, now, calendar.latest_believable(now))
 

@@ -6,11 +6,11 @@ after `jscode2session`. Task arguments come from outside, so every one is valida
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 
 from sqlalchemy.orm import Session
 
+from worker import business_calendar as clock
 from worker.db import crypto
 from worker.db.accounts import AccountRow, upsert_accounts
 from worker.db.crypto import SessionKeyCipher
@@ -37,7 +37,7 @@ def record_login(
     or absent session_key leaves the stored one alone. `cipher` may be None only when no
     session key is sent.
     """
-    now = dt.datetime.now(dt.UTC)
+    now = clock.utcnow()
     try:
         openid = check_openid(openid)
         zone_id = check_zone_id(zone_id)

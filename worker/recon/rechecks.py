@@ -21,6 +21,7 @@ from typing import Protocol
 
 from sqlalchemy.orm import Session
 
+from worker import business_calendar as clock
 from worker.config import Settings
 from worker.db import ledger as ledger_repo
 from worker.db import runs as repo
@@ -117,7 +118,7 @@ def plan_recheck(
     recheck (`enroll=False`) of an account nobody has named is refused (RecheckRejected):
     a mistyped openid must not become a player.
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or clock.utcnow()
     account = repo.account_id(session, request.openid, request.zone_id)
     if account is None and not enroll:
         raise RecheckRejected(
@@ -164,7 +165,7 @@ def plan_late_ledger_rechecks(
     resolves or confirms their cases the usual way. Rows dated after every fetch need
     nothing: the next fetch sees them.
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or clock.utcnow()
     accounts = ledger_repo.accounts_compared_without(session, after_id)
     if not accounts:
         return []
@@ -194,7 +195,7 @@ def plan_confirm_pass(
 ) -> list[Batch]:
     """One confirm run for every account due for its confirming re-fetch, claimed in batches
     (none when nothing is due)."""
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or clock.utcnow()
     repo.serialize_confirm_planning(session)
     # Cases nobody can decide any more cost no request: closed before the due ones are taken.
     close_cases_of_removed_checks(session, checks_from_settings(settings), now=now)
@@ -278,7 +279,7 @@ def scan_ledger(
     when it is lost the scan restarts from the low-water mark and may recheck some accounts
     twice, which the debounce and a spare fetch absorb.
     """
-    now = now or dt.datetime.now(dt.UTC)
+    now = now or clock.utcnow()
     # The first scan ever starts at the ledger's end: history is the nightly run's job.
     low = repo.lock_cursor(session, LEDGER_CURSOR, initial=repo.max_ledger_id(session), now=now)
     if low is None:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.orm import Session
 
+from worker import business_calendar as clock
 from worker.config import Settings
 from worker.db import runs as repo
 from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
@@ -160,7 +161,7 @@ def start_nightly(
     night would join it. `resume_failed` (an operator, not beat) puts a failed run back to
     running: its pending items continue, nothing done is fetched again.
     """
-    now = now or _now()
+    now = now or clock.utcnow()
     calendar = settings.calendar
     day = business_date or calendar.nightly_date_for(now)
     calendar.require_begun(day, now)
@@ -224,7 +225,7 @@ def pump(
     `is_alive(claim)` tells whether a claim's batch is queued or running; without it only
     claims older than `stale_after_s` are taken back.
     """
-    now = now or _now()
+    now = now or clock.utcnow()
     run = repo.get_run(session, run_id)
     if run is None:
         raise LookupError(f"no run {run_id}")
@@ -270,7 +271,7 @@ def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -
     if counts.open:
         return run
     status = "complete" if counts.error == 0 else "incomplete"
-    repo.close_run(session, run_id, status=status, counts=counts, now=now or _now())
+    repo.close_run(session, run_id, status=status, counts=counts, now=now or clock.utcnow())
     session.refresh(run)
     log.info(
         "run_finished",
@@ -295,7 +296,7 @@ def fail_run(session: Session, run_id: int, reason: str, *, now: dt.datetime | N
         return
     counts = repo.item_counts(session, run_id)
     repo.close_run(
-        session, run_id, status="failed", counts=counts, now=now or _now(), reason=reason
+        session, run_id, status="failed", counts=counts, now=now or clock.utcnow(), reason=reason
     )
     log.error("run_failed", extra={"run_id": run_id, "reason": reason})
 
@@ -382,7 +383,7 @@ def run_batch(
         FetchOutcome(
             FetchTarget(i.account_id, i.openid, i.zone_id),
             "error",
-            _now(),
+            clock.utcnow(),
             errmsg=f"given up: {i.attempts - 1} batches died while fetching this account",
         )
         for i in given_up
@@ -414,7 +415,7 @@ def run_batch(
                 checks=deps.checks,
                 settle_seconds=deps.settle_seconds,
                 skew=deps.skew,
-                now=_now(),
+                now=clock.utcnow(),
             )
             repo.add_mismatches_opened(session, run_id, reconciled.opened)
             if reconciled.confirm_due:
@@ -425,7 +426,7 @@ def run_batch(
             if o.status == "unobservable" and by_account[o.target.openid, o.target.zone_id].new
         ]
         if unobserved:
-            park_unobserved(session, unobserved, now=_now())
+            park_unobserved(session, unobserved, now=clock.utcnow())
         if report.stopper is not None:
             exc = report.stopper
             result.stopped = describe(exc)
@@ -537,13 +538,13 @@ def run_embedded(
     drive(db, deps, run_id, size=batch_size(settings), progress=progress)
 
     wait_s = settings.RECON_SETTLE_SECONDS + 10 if confirm_wait_s is None else confirm_wait_s
-    until = _now() + dt.timedelta(seconds=wait_s)
+    until = clock.utcnow() + dt.timedelta(seconds=wait_s)
     while True:
         with db() as session:
             due = rechecks.last_confirm_due(session, until=until)
         if due is None:
             break
-        time.sleep(max(0.0, (due - _now()).total_seconds()) + 0.01)
+        time.sleep(max(0.0, (due - clock.utcnow()).total_seconds()) + 0.01)
         with db() as session:
             batches = rechecks.plan_confirm_pass(session, settings, size=batch_size(settings))
         if not batches:  # due accounts are in another process's confirm run
@@ -593,7 +594,3 @@ def _require(session: Session, run_id: int) -> Run:
     if run is None:
         raise LookupError(f"no run {run_id}")
     return run
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
