@@ -203,6 +203,11 @@ def _settings_or_exit() -> Settings:
 
 
 app = make_app(_settings_or_exit())
+# Beat keeps its entries in a shelve (or redbeat in Redis) and reads them back: a crontab
+# comes back without its app and asks for the current one to learn its time zone. Unless this
+# app is that one, the nightly fires at RECON_NIGHTLY_AT in UTC (tests/orchestration/
+# test_beat_calendar.py runs the real beat).
+app.set_default()
 
 F = TypeVar("F", bound=Callable[..., Any])
 
