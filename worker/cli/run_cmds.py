@@ -94,6 +94,9 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
     s = settings()
     business_date = parse_date(day) if day is not None else None
     try:
+        if business_date is not None:
+            s.calendar.require_begun(business_date)  # before any work, in either mode
+            _say_backfill(s, business_date)
         if s.embedded:
             _run_embedded(s, business_date)
             return
@@ -115,7 +118,6 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
         f"run #{started.run_id} for {started.business_date}: {verb}, "
         f"{started.planned} accounts planned, {started.status}"
     )
-    _say_backfill(started.business_date, started.later_runs)
     if started.status == "running":
         broker(lambda tasks: tasks.request_pump(started.run_id))
     if wait:
@@ -141,7 +143,12 @@ def _run_embedded(s: Settings, business_date: dt.date | None) -> None:
     _conclude(final)
 
 
-def _say_backfill(day: dt.date, later: tuple[dt.date, ...]) -> None:
+def _say_backfill(s: Settings, day: dt.date) -> None:
+    from worker.db.session import session_scope
+    from worker.recon.runs import later_nightly_dates
+
+    with database_errors(), session_scope(s.DATABASE_URL) as session:
+        later = later_nightly_dates(session, day)
     if later:
         click.echo(
             f"backfill: {day} is earlier than the runs of {', '.join(map(str, later))}; its "

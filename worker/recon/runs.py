@@ -177,7 +177,7 @@ def start_nightly(
         if planned == 0:
             finalize(session, run_id, now=now)
         run = _require(session, run_id)
-        later = tuple(repo.nightly_dates_after(session, day))
+        later = later_nightly_dates(session, day)
         if later:
             log.warning(
                 "run_backfill",
@@ -195,6 +195,11 @@ def start_nightly(
     run = _require(session, existing)
     counts = repo.item_counts(session, existing)
     return StartResult(existing, day, False, run.status, counts.planned, resumed)
+
+
+def later_nightly_dates(session: Session, day: dt.date) -> tuple[dt.date, ...]:
+    """Dates after `day` that have a nightly run: a run of `day` made now is a backfill."""
+    return tuple(repo.nightly_dates_after(session, day))
 
 
 # -- the pump ---------------------------------------------------------------------------------
