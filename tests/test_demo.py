@@ -94,7 +94,9 @@ def test_demo_finds_exactly_what_it_planted(venv: Path, tmp_path: Path) -> None:
     ) in text
     planned = PLAYERS - INACTIVE
     unobservable = NEVER + EXPIRED
-    assert re.search(r"Nightly run #1 for \d{4}-\d\d-\d\d: complete in ", text)
+    # Two nights: yesterday's (a backfill), a day's payments, then today's.
+    assert re.search(r"Nightly run #1 for the day before, then \d+ payments booked", text)
+    assert re.search(r"nightly run #\d+ for \d{4}-\d\d-\d\d: complete in ", text)
     assert (
         f"planned {planned}, ok {planned - unobservable}, unobservable {unobservable}, error 0"
     ) in text

@@ -35,7 +35,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, text
 
 import worker.business_calendar as bc
 from worker.business_calendar import FutureDate
@@ -394,6 +394,14 @@ def test_a_week_in_the_life(week: Week, clock: Clock, tmp_path: Any) -> None:
         assert st.total.day_cost == sum(a for k, a in day_rows if k == "cost"), day
     # Day 2: M's gift (+50) and P's top-up in flight (-300); day 3: P settled (+300).
     assert residuals == {2: -250, 3: 300, 4: 0, 5: 0, 6: 0, 7: 0}
+    # The views BI tools read give the same residuals, the backfilled pair included.
+    with w.db() as session:
+        views = dict(
+            session.execute(
+                text("SELECT business_date, SUM(residual) FROM v_run_movement GROUP BY 1")
+            ).all()
+        )
+    assert {d: views[D[d]] for d in residuals} == residuals
 
 
 def expected_statement(w: Week, previous_id: int, current_id: int) -> dict[str, int]:
