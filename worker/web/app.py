@@ -1,0 +1,192 @@
+"""The operators' console: a server-rendered Flask app served by waitress (`midas-recon web`).
+
+Every route but the login page and the static files needs an operator: logged in with a
+password (`midas-recon operators add`) or named by a trusted single sign-on proxy
+(RECON_WEB_AUTH_HEADER, honoured only from RECON_WEB_TRUSTED_PROXIES). Every state-changing
+request carries the session's CSRF token; without it nothing changes. Templates autoescape
+everything, and the Content-Security-Policy allows no inline script.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hmac
+import secrets
+from dataclasses import dataclass
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+from flask import Flask, g, jsonify, redirect, request, session, url_for
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.wrappers.response import Response
+
+from worker.config import Settings
+from worker.db.session import session_scope
+from worker.web.actions import Actions
+from worker.web.operators import may_act
+from worker.web.throttle import LoginThrottle
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+PUBLIC_ENDPOINTS = frozenset({"auth.login", "static"})
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+SESSION_HOURS = 12
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass
+class Console:
+    """What the views need besides the request: settings, login throttle, actions."""
+
+    settings: Settings
+    throttle: LoginThrottle
+    actions: Actions
+
+    def db(self) -> Any:
+        return session_scope(self.settings.DATABASE_URL)
+
+
+def console() -> Console:
+    from flask import current_app
+
+    return current_app.extensions["midas_recon"]  # type: ignore[no-any-return]
+
+
+def create_app(settings: Settings, *, actions: Actions | None = None) -> Flask:
+    app = Flask(
+        "worker.web",
+        template_folder=str(HERE / "templates"),
+        static_folder=str(HERE / "static"),
+    )
+    secret = settings.RECON_WEB_SESSION_SECRET
+    app.config.update(
+        # A random key per process when none is set: sessions end with the process.
+        SECRET_KEY=secret.get_secret_value() if secret else secrets.token_bytes(32),
+        SESSION_COOKIE_NAME="midas_recon_session",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=SESSION_HOURS),
+        MAX_CONTENT_LENGTH=256 * 1024,  # forms only: a note, a list of case ids
+        JSON_SORT_KEYS=False,
+    )
+    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.session_interface = _Sessions()
+    app.jinja_env.autoescape = True  # every template, whatever its file name
+    app.extensions["midas_recon"] = Console(
+        settings, LoginThrottle(), actions if actions is not None else Actions(settings)
+    )
+
+    from worker.web import filters, views
+
+    filters.register(app, settings)
+    app.register_blueprint(views.auth)
+    app.register_blueprint(views.pages)
+    app.register_blueprint(views.api)
+    app.before_request(_guard)
+    app.after_request(_headers)
+    app.jinja_env.globals["csrf_token"] = csrf_token
+    return app
+
+
+# -- who is asking ------------------------------------------------------------------------------
+
+
+def _peer_trusted() -> bool:
+    proxies = console().settings.trusted_proxies
+    if not proxies or not request.remote_addr:
+        return False
+    try:
+        peer = ip_address(request.remote_addr)
+    except ValueError:
+        return False
+    return any(peer in net for net in proxies)
+
+
+def client_address() -> str:
+    """The client's address: the proxy's word for it only when the proxy is trusted."""
+    if _peer_trusted():
+        forwarded = request.headers.get("X-Forwarded-For", "")
+        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
+        if hops:
+            return hops[-1]  # the hop our trusted proxy saw; earlier ones the client wrote
+    return request.remote_addr or "-"
+
+
+def via_tls() -> bool:
+    if request.scheme == "https":
+        return True
+    return _peer_trusted() and request.headers.get("X-Forwarded-Proto", "").lower() == "https"
+
+
+def _proxy_operator() -> str | None:
+    header = console().settings.RECON_WEB_AUTH_HEADER
+    if header is None or not _peer_trusted():
+        return None  # from anyone else the header is just text a client typed
+    return request.headers.get(header) or None
+
+
+class _Sessions(SecureCookieSessionInterface):
+    """Flask's signed cookie session, `Secure` whenever the request came over TLS."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return via_tls()
+
+
+# -- the guard ----------------------------------------------------------------------------------
+
+
+def csrf_token() -> str:
+    token = session.get("csrf")
+    if not isinstance(token, str):
+        token = session["csrf"] = secrets.token_urlsafe(32)
+    return token
+
+
+def _csrf_ok() -> bool:
+    expected = session.get("csrf")
+    given = request.headers.get(CSRF_HEADER) or request.form.get(CSRF_FIELD, "")
+    return isinstance(expected, str) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+def _guard() -> Response | tuple[Response, int] | None:
+    g.operator = None
+    if request.method not in SAFE_METHODS and not _csrf_ok():
+        # Checked before anything else runs: a forged or stale form changes nothing.
+        return _refuse(400, "the form's security token is missing or expired; reload the page")
+    proxied = _proxy_operator()
+    name = proxied or session.get("operator")
+    if isinstance(name, str) and name:
+        with console().db() as db:
+            allowed = may_act(db, name, vouched_by_proxy=proxied is not None)
+        if allowed:
+            g.operator = name
+        else:
+            session.clear()
+    if g.operator is None and request.endpoint not in PUBLIC_ENDPOINTS:
+        if request.path.startswith("/api/"):
+            return _refuse(401, "log in first")
+        return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+    return None
+
+
+def _refuse(status: int, message: str) -> tuple[Response, int]:
+    if request.path.startswith("/api/"):
+        return jsonify(error=message), status
+    from flask import render_template
+
+    return Response(render_template("error.html", message=message), status=status), status
+
+
+def _headers(response: Response) -> Response:
+    h = response.headers
+    h["Content-Security-Policy"] = (
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "object-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    )
+    h["X-Content-Type-Options"] = "nosniff"
+    h["X-Frame-Options"] = "DENY"
+    h["Referrer-Policy"] = "same-origin"
+    if request.endpoint != "static":
+        h["Cache-Control"] = "no-store"  # pages hold account data: keep them out of caches
+    return response
