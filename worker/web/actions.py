@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 PING_TIMEOUT_S = 1.0
 
 
+class NoWorkers(Exception):
+    """Redis answered, no Celery worker did."""
+
+
 class ActionRefused(Exception):
     """An action that cannot be done as asked; the message is for the operator."""
 
@@ -108,6 +112,8 @@ def _check(probe: Any) -> dict[str, Any]:
     started = time.monotonic()
     try:
         detail = probe()
+    except NoWorkers as exc:
+        return {"ok": False, "detail": str(exc)}
     except Exception as exc:  # noqa: BLE001  (any failure means "not reachable"; no secret)
         return {"ok": False, "detail": type(exc).__name__}
     return {"ok": True, "detail": detail, "ms": round(1000 * (time.monotonic() - started), 1)}
@@ -136,7 +142,7 @@ def _ping_workers() -> list[str]:
     replies = tasks.fetch_batch.app.control.ping(timeout=PING_TIMEOUT_S) or []
     names = sorted(name for reply in replies for name in reply)
     if not names:
-        raise LookupError("no worker answered")
+        raise NoWorkers(f"no worker answered a ping within {PING_TIMEOUT_S:.0f} s")
     return names
 
 
