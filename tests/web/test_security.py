@@ -326,6 +326,8 @@ def test_session_cookie_is_httponly_samesite_lax_and_secure_over_tls(
     tls = make_client(app_env)
     page = tls.get("/login", base_url="https://console.example")
     assert "Secure" in _set_cookie(page)
+    assert page.headers["Strict-Transport-Security"].startswith("max-age=")
+    assert "Strict-Transport-Security" not in plain.get("/login").headers
     found = re.search(r'name="csrf_token" value="([^"]+)"', page.get_data(as_text=True))
     assert found
     token = found.group(1)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import secrets
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
-from typing import Any
 
 from flask import Flask, g, jsonify, redirect, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
+from sqlalchemy.orm import Session
 from werkzeug.wrappers.response import Response
 
 from worker.config import Settings
@@ -43,7 +44,7 @@ class Console:
     throttle: LoginThrottle
     actions: Actions
 
-    def db(self) -> Any:
+    def db(self) -> AbstractContextManager[Session]:
         return session_scope(self.settings.DATABASE_URL)
 
 
@@ -151,6 +152,8 @@ def _csrf_ok() -> bool:
 
 def _guard() -> Response | tuple[Response, int] | None:
     g.operator = None
+    if request.endpoint == "static":
+        return None  # the stylesheet and the script: no data, no database round trip
     if request.method not in SAFE_METHODS and not _csrf_ok():
         # Checked before anything else runs: a forged or stale form changes nothing.
         return _refuse(400, "the form's security token is missing or expired; reload the page")
@@ -189,4 +192,6 @@ def _headers(response: Response) -> Response:
     h["Referrer-Policy"] = "same-origin"
     if request.endpoint != "static":
         h["Cache-Control"] = "no-store"  # pages hold account data: keep them out of caches
+    if via_tls():
+        h["Strict-Transport-Security"] = "max-age=31536000"
     return response

@@ -23,9 +23,10 @@ from flask import (
     session,
     url_for,
 )
+from sqlalchemy.orm import Session
 
 from worker.db import console as queries
-from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES
+from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, Run
 from worker.db.runs import get_run, recent_runs
 from worker.recon import cases as lifecycle
 from worker.recon.console import MAX_PAGE_SIZE, account_history, find_cases, opened_between
@@ -272,7 +273,7 @@ def recheck(openid: str) -> Any:
     return redirect(url_for("pages.account", openid=openid, zone_id=zone_id, recheck=run_id))
 
 
-def _recheck_state(db: Any, run_id: int) -> dict[str, Any] | None:
+def _recheck_state(db: Session, run_id: int) -> dict[str, Any] | None:
     run = get_run(db, run_id)
     if run is None or run.kind != "recheck":
         return None
@@ -324,7 +325,7 @@ def api_run(run_id: int) -> Any:
         return jsonify(out)
 
 
-def _run_and_progress(db: Any, run_id: int) -> tuple[Any, present.Progress]:
+def _run_and_progress(db: Session, run_id: int) -> tuple[Run, present.Progress]:
     r = get_run(db, run_id)
     if r is None:
         abort(404)
