@@ -258,6 +258,10 @@ def test_the_proxy_header_counts_only_from_a_trusted_proxy(app_env: dict[str, st
             == 302
         )
 
+    # A name that cannot be recorded as an event's actor is refused, not truncated.
+    spaced = client.get("/api/cases", headers={"X-Remote-User": "Jane Doe"}, environ_base=trusted)
+    assert spaced.status_code == 403 and "single sign-on name" in spaced.get_json()["error"]
+
     # Without RECON_WEB_TRUSTED_PROXIES the header is ignored from everyone.
     bare = make_client({**app_env, "RECON_WEB_AUTH_HEADER": "X-Remote-User"})
     assert (

@@ -25,6 +25,7 @@ from werkzeug.wrappers.response import Response
 from worker.config import Settings
 from worker.db.session import session_scope
 from worker.web.actions import Actions
+from worker.web.operators import NAME as OPERATOR_NAME
 from worker.web.operators import may_act
 from worker.web.throttle import LoginThrottle
 
@@ -69,7 +70,6 @@ def create_app(settings: Settings, *, actions: Actions | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=SESSION_HOURS),
         MAX_CONTENT_LENGTH=256 * 1024,  # forms only: a note, a list of case ids
-        JSON_SORT_KEYS=False,
     )
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.session_interface = _Sessions()
@@ -158,6 +158,9 @@ def _guard() -> Response | tuple[Response, int] | None:
         # Checked before anything else runs: a forged or stale form changes nothing.
         return _refuse(400, "the form's security token is missing or expired; reload the page")
     proxied = _proxy_operator()
+    if proxied is not None and not OPERATOR_NAME.fullmatch(proxied):
+        # Case events record "operator:<name>"; a name that cannot be recorded cannot act.
+        return _refuse(403, "the single sign-on name must be 1 to 55 characters without spaces")
     name = proxied or session.get("operator")
     if isinstance(name, str) and name:
         with console().db() as db:
