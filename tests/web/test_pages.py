@@ -219,3 +219,23 @@ def test_login_throttle_window() -> None:
     assert throttle.blocked("ip:1") and not throttle.blocked("name:a")
     now[0] = 10.5
     assert not throttle.blocked("ip:1"), "failures older than the window are forgotten"
+
+
+def test_console_settings_fail_with_one_line_naming_the_variable(tmp_path: Any) -> None:
+    from worker.config import ConfigError, load_settings
+
+    for name, value in (
+        ("RECON_WEB_TRUSTED_PROXIES", "10.0.0.0/8, not-an-address"),
+        ("RECON_WEB_AUTH_HEADER", "X Remote: User"),
+    ):
+        with pytest.raises(ConfigError) as err:
+            load_settings({name: value})
+        assert str(err.value).startswith(f"{name}:") and value not in str(err.value)
+    secret_file = tmp_path / "session-secret"
+    secret_file.write_text("from-a-docker-secret-0123456789\n")
+    settings = load_settings(
+        {"RECON_WEB_SESSION_SECRET_FILE": str(secret_file), "RECON_WEB_TRUSTED_PROXIES": "::1"}
+    )
+    assert "from-a-docker-secret-0123456789" in settings.secret_values(), "redacted from logs"
+    assert [str(n) for n in settings.trusted_proxies] == ["::1/128"]
+    assert load_settings({"RECON_WEB_AUTH_HEADER": ""}).RECON_WEB_AUTH_HEADER is None
