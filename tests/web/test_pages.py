@@ -239,3 +239,34 @@ def test_console_settings_fail_with_one_line_naming_the_variable(tmp_path: Any) 
     assert "from-a-docker-secret-0123456789" in settings.secret_values(), "redacted from logs"
     assert [str(n) for n in settings.trusted_proxies] == ["::1/128"]
     assert load_settings({"RECON_WEB_AUTH_HEADER": ""}).RECON_WEB_AUTH_HEADER is None
+
+
+def test_bulk_acknowledge_of_a_full_page_keeps_the_session(
+    client: Any, app_env: dict[str, str]
+) -> None:
+    with session_scope(app_env["DATABASE_URL"]) as session:
+        for i in range(120):
+            seen = dt.datetime(2026, 11, 24, tzinfo=dt.UTC)
+            session.add(
+                MismatchCase(
+                    openid=f"p{i:04d}",
+                    zone_id="1",
+                    check="balance",
+                    status="resolved" if i % 2 else "confirmed",
+                    midas_value=i,
+                    ledger_value=0,
+                    delta=i,
+                    first_seen_at=seen,
+                    last_seen_at=seen,
+                )
+            )
+    ids = [
+        str(c["id"]) for c in client.get("/api/cases?status=all&per_page=500").get_json()["cases"]
+    ]
+    token = csrf_of(client, "/cases")
+    answer = client.post("/cases/ack", data={"csrf_token": token, "case_id": ids, "note": "n"})
+    assert answer.status_code == 302
+    page = client.get("/cases")
+    assert page.status_code == 200, "still logged in: the flashes fit in the cookie"
+    body = page.get_data(as_text=True)
+    assert "Acknowledged 60 case(s)." in body and "… and 50 more refused." in body

@@ -44,6 +44,7 @@ pages = Blueprint("pages", __name__)
 api = Blueprint("api", __name__, url_prefix="/api")
 
 DEFAULT_PER_PAGE = 50
+FLASH_IDS = 10  # case ids or refusals named in one bulk action's message
 STATUS_CHOICES = ("open", "all", *CASE_STATUSES)
 RUN_KINDS_SHOWN = ("nightly", "recheck", "confirm", "all")
 LOGIN_REFUSED = "Wrong name or password."
@@ -142,10 +143,14 @@ def bulk_ack() -> Any:
         flash("Select at least one case.", "error")
     else:
         done, refused = _act_each(lifecycle.acknowledge, ids, note)
+        # Flashes travel in the session cookie (4 KB at most): a page of 500 cases is summed up.
         if done:
-            flash(f"Acknowledged {len(done)} case(s): {', '.join(map(str, done))}.", "ok")
-        for message in refused:
+            listed = f": {', '.join(map(str, done))}" if len(done) <= FLASH_IDS else ""
+            flash(f"Acknowledged {len(done)} case(s){listed}.", "ok")
+        for message in refused[:FLASH_IDS]:
             flash(message, "error")
+        if len(refused) > FLASH_IDS:
+            flash(f"… and {len(refused) - FLASH_IDS} more refused.", "error")
     return redirect(_safe_next(request.form.get("next")))
 
 
@@ -286,24 +291,23 @@ def _recheck_state(db: Session, run_id: int) -> dict[str, Any] | None:
 
 @pages.route("/runs")
 def runs() -> Any:
-    kind = request.args.get("kind", "nightly")
-    if kind not in RUN_KINDS_SHOWN:
-        raise BadRequest(f"kind must be one of {', '.join(RUN_KINDS_SHOWN)}")
-    limit = _int(request.args.get("limit", "50"), "limit", 1, 1000)
-    with console().db() as db:
-        rows = recent_runs(db, limit=limit, kind=None if kind == "all" else kind)
+    kind, rows = _recent_runs()
     return render_template("runs.html", runs=rows, kind=kind, kinds=RUN_KINDS_SHOWN)
 
 
 @api.route("/runs")
 def api_runs() -> Any:
+    return jsonify([present.run(r) for r in _recent_runs()[1]])
+
+
+def _recent_runs() -> tuple[str, list[Run]]:
+    """?kind= (nightly by default, or all) and ?limit=, newest first."""
     kind = request.args.get("kind", "nightly")
     if kind not in RUN_KINDS_SHOWN:
         raise BadRequest(f"kind must be one of {', '.join(RUN_KINDS_SHOWN)}")
     limit = _int(request.args.get("limit", "50"), "limit", 1, 1000)
     with console().db() as db:
-        rows = recent_runs(db, limit=limit, kind=None if kind == "all" else kind)
-        return jsonify([present.run(r) for r in rows])
+        return kind, recent_runs(db, limit=limit, kind=None if kind == "all" else kind)
 
 
 @pages.route("/runs/<int:run_id>")
