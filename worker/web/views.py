@@ -37,6 +37,7 @@ from worker.reports.statement import StatementUnavailable, build_statement, buil
 from worker.web import charts, present
 from worker.web.actions import ActionRefused
 from worker.web.app import client_address, console, csrf_token
+from worker.web.filters import local_time
 from worker.web.operators import authenticate
 
 auth = Blueprint("auth", __name__)
@@ -354,11 +355,15 @@ def statement(day: str) -> Any:
         s = _statement(day)
     except StatementUnavailable as exc:
         return render_template("error.html", message=str(exc)), 404
-    known = {"zones", "total", "run", "previous_run"}
+    # The header lines (report daily's own) say the date, zone and runs; anything else the
+    # statement carries (when it was generated, whether the day is partial…) is listed as is.
+    in_header = {"zones", "total", "run", "previous_run", "business_date", "timezone"}
+    in_header |= {"day_start", "day_end", "zone_filter"}
+    tz = console().settings.tz
     extra = {
-        f.name: getattr(s, f.name)
+        f.name: local_time(v, tz) if isinstance(v, dt.datetime) else v
         for f in dataclasses.fields(s)
-        if f.name not in known and not isinstance(getattr(s, f.name), list | dict)
+        if f.name not in in_header and not isinstance(v := getattr(s, f.name), list | dict)
     }
     return render_template(
         "statement.html",
