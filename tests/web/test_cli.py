@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
+import subprocess
 
 import pytest
 from click.testing import CliRunner, Result
 from sqlalchemy import select
 
-from tests.web.conftest import PASSWORD, Seeded
+from tests.web.conftest import MIDAS_RECON, PASSWORD, Seeded
 from worker.cli.base import cli
 from worker.config import get_settings
 from worker.db import console as queries
@@ -167,4 +169,24 @@ def test_account_shows_the_history_the_console_shows(
     nobody = run("account", "nobody-at-all")
     assert (
         nobody.exit_code == 0 and "no snapshots" in nobody.output and "known: no" in nobody.output
+    )
+
+
+def test_web_refuses_a_placeholder_session_secret_in_production(env: str) -> None:
+    result = subprocess.run(
+        [MIDAS_RECON, "web", "--port", "0"],
+        env={
+            "PATH": os.environ.get("PATH", ""),
+            "DATABASE_URL": env,
+            "MIDAS_ENV": "production",
+            "RECON_WEB_SESSION_SECRET": "changeme",
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "midas-recon: RECON_WEB_SESSION_SECRET holds a placeholder value; set the real secret"
     )

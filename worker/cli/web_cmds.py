@@ -27,6 +27,8 @@ def web(host: str, port: int) -> None:
     from worker.web.server import make_server
 
     s = settings()
+    if s.RECON_WEB_SESSION_SECRET is not None:
+        s.require("RECON_WEB_SESSION_SECRET")  # in production: no placeholder, no short key
     server = make_server(s, host, port)
     click.echo(f"midas-recon console on http://{host}:{server.effective_port}/", err=True)
     try:
