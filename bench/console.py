@@ -58,7 +58,7 @@ INSERT INTO balance_snapshots (run_id, openid, zone_id, fetched_at, status, bala
     gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version)
 SELECT r.id, 'b' || lpad(i::text, 8, '0'), '1',
        r.business_date + interval '18 hours 31 minutes', 'ok',
-       300 * n - 120 * n + 10 * n, 10 * n, 300 * n, 300 * n, 120 * n - (n % 3), 10 * n,
+       300 * n - 120 * n + 10 * n, 10 * n, 300 * n, 300 * n, 120 * n, 10 * n,
        false, 'v2'
 FROM (SELECT id, business_date, row_number() OVER (ORDER BY business_date) AS n FROM runs) AS r
 CROSS JOIN generate_series(1, :history) AS i;
@@ -84,8 +84,8 @@ SELECT 'b' || lpad(i::text, 8, '0'), '1',
        (ARRAY['save_sum', 'cost_sum', 'present_sum', 'balance'])[1 + i % 4],
        (ARRAY['confirmed', 'confirmed', 'suspected', 'acknowledged', 'resolved',
               'cleared'])[1 + i % 6],
-       1000 + (i * 7919) % 10000 * (CASE WHEN i % 2 = 0 THEN 1 ELSE -1 END), 1000,
-       (i * 7919) % 10000 * (CASE WHEN i % 2 = 0 THEN 1 ELSE -1 END) + (i % 2),
+       1000 + (1 + (i * 7919) % 10000) * (CASE WHEN i % 2 = 0 THEN 1 ELSE -1 END), 1000,
+       (1 + (i * 7919) % 10000) * (CASE WHEN i % 2 = 0 THEN 1 ELSE -1 END),
        CAST(:last_night AS timestamptz) - (i % :nights) * interval '1 day',
        CAST(:last_night AS timestamptz), NULL, NULL
 FROM generate_series(1, :cases) AS i;
