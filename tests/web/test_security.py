@@ -509,3 +509,34 @@ def test_no_secret_appears_in_any_page_or_json(seeded: Seeded) -> None:
         for secret in secrets:
             assert secret not in body, (path, secret[:4])
         assert "session_key_enc" not in body and "password_hash" not in body, path
+
+
+def test_basic_auth_opens_the_read_only_api_only(app_env: dict[str, str]) -> None:
+    import base64
+
+    def basic(name: str, password: str) -> dict[str, str]:
+        token = base64.b64encode(f"{name}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    case_id = make_case(app_env["DATABASE_URL"])
+    client = make_client(app_env)
+    ok = client.get("/api/cases", headers=basic(OPERATOR, PASSWORD))
+    assert ok.status_code == 200 and ok.get_json()["total"] == 1
+    assert "Set-Cookie" not in ok.headers, "no session for a tool"
+    assert "WWW-Authenticate" not in ok.headers
+    wrong = client.get("/api/cases", headers=basic(OPERATOR, "not-the-password"))
+    unknown = client.get("/api/cases", headers=basic("nobody", "not-the-password"))
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.get_json() == unknown.get_json() == {"error": "wrong name or password"}
+    # Pages and POSTs are not opened by it (a POST still needs the session's CSRF token).
+    assert client.get("/cases", headers=basic(OPERATOR, PASSWORD)).status_code == 302
+    forged = client.post(
+        f"/cases/{case_id}/ack", data={"note": "n"}, headers=basic(OPERATOR, PASSWORD)
+    )
+    assert forged.status_code == 400 and case_state(app_env["DATABASE_URL"], case_id)[0] == (
+        "confirmed"
+    )
+    for _ in range(4):
+        client.get("/api/cases", headers=basic(OPERATOR, "still-wrong-password"))
+    throttled = client.get("/api/cases", headers=basic(OPERATOR, PASSWORD))
+    assert throttled.status_code == 429, "the login throttle counts these attempts too"

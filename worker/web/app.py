@@ -169,10 +169,38 @@ def _guard() -> Response | tuple[Response, int] | None:
             g.operator = name
         else:
             session.clear()
+    if g.operator is None and request.path.startswith("/api/") and request.authorization:
+        refused = _basic_auth()
+        if refused is not None:
+            return refused
     if g.operator is None and request.endpoint not in PUBLIC_ENDPOINTS:
         if request.path.startswith("/api/"):
             return _refuse(401, "log in first")
         return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
+    return None
+
+
+def _basic_auth() -> tuple[Response, int] | None:
+    """HTTP Basic on the read-only API, for ticketing and BI tools that hold no session: the
+    same operators, the same throttle and the same answer for a wrong name or password. Each
+    request pays one Argon2 verification; no session is created. (No WWW-Authenticate header:
+    the console's own polling must not make a browser pop up a password dialog.)"""
+    from worker.web.operators import authenticate
+
+    auth = request.authorization
+    if auth is None or auth.type != "basic" or not auth.username:
+        return None
+    c = console()
+    name = auth.username.strip()[:100]
+    keys = (f"ip:{client_address()}", f"name:{name.lower()}")
+    if c.throttle.blocked(*keys):
+        return _refuse(429, "too many login attempts; wait a few minutes")
+    with c.db() as db:
+        who = authenticate(db, name, auth.password or "", now=dt.datetime.now(dt.UTC))
+    if who is None:
+        c.throttle.failed(*keys)
+        return _refuse(401, "wrong name or password")
+    g.operator = who
     return None
 
 
