@@ -540,3 +540,27 @@ def test_basic_auth_opens_the_read_only_api_only(app_env: dict[str, str]) -> Non
         client.get("/api/cases", headers=basic(OPERATOR, "still-wrong-password"))
     throttled = client.get("/api/cases", headers=basic(OPERATOR, PASSWORD))
     assert throttled.status_code == 429, "the login throttle counts these attempts too"
+
+
+def test_the_throttle_keys_on_the_client_behind_trusted_proxies(app_env: dict[str, str]) -> None:
+    env = {**app_env, "RECON_WEB_TRUSTED_PROXIES": "10.0.0.0/8"}
+    client = make_client(env)
+
+    def attempt(forwarded: str, peer: str = "10.0.0.1") -> int:
+        token = csrf_of(client)
+        return int(
+            client.post(
+                "/login",
+                headers={"X-Forwarded-For": forwarded},
+                environ_base={"REMOTE_ADDR": peer},
+                data={"csrf_token": token, "name": f"n{forwarded}", "password": "wrong-password"},
+            ).status_code
+        )
+
+    # The client 203.0.113.5 behind two of our proxies; a spoofed first hop does not matter.
+    for spoof in ("1.1.1.1", "2.2.2.2", "3.3.3.3", "4.4.4.4", "5.5.5.5"):
+        assert attempt(f"{spoof}, 203.0.113.5, 10.0.0.9") == 401
+    assert attempt("9.9.9.9, 203.0.113.5, 10.0.0.9") == 429, "locked: the same client"
+    assert attempt("203.0.113.6, 10.0.0.9") == 401, "another client behind the same proxies"
+    # From an untrusted peer the header is ignored: the peer itself is the client.
+    assert attempt("203.0.113.7", peer="192.0.2.50") == 401

@@ -93,24 +93,31 @@ def create_app(settings: Settings, *, actions: Actions | None = None) -> Flask:
 # -- who is asking ------------------------------------------------------------------------------
 
 
-def _peer_trusted() -> bool:
+def _trusted(address: str | None) -> bool:
     proxies = console().settings.trusted_proxies
-    if not proxies or not request.remote_addr:
+    if not proxies or not address:
         return False
     try:
-        peer = ip_address(request.remote_addr)
+        ip = ip_address(address)
     except ValueError:
         return False
-    return any(peer in net for net in proxies)
+    return any(ip in net for net in proxies)
+
+
+def _peer_trusted() -> bool:
+    return _trusted(request.remote_addr)
 
 
 def client_address() -> str:
-    """The client's address: the proxy's word for it only when the proxy is trusted."""
-    if _peer_trusted():
-        forwarded = request.headers.get("X-Forwarded-For", "")
-        hops = [h.strip() for h in forwarded.split(",") if h.strip()]
-        if hops:
-            return hops[-1]  # the hop our trusted proxy saw; earlier ones the client wrote
+    """The client's address: the proxies' word for it only as far as they are trusted."""
+    if not _peer_trusted():
+        return request.remote_addr or "-"
+    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
+    # From our side backwards: the first hop that is not one of our proxies is the client;
+    # anything before it the client could have written itself.
+    for hop in reversed([h for h in hops if h]):
+        if not _trusted(hop):
+            return hop
     return request.remote_addr or "-"
 
 
