@@ -169,8 +169,8 @@ def test_a_runs_progress_advances(
     shots.mkdir()
     driver = browser
     log_in(driver, live, shots)
-    # A slow night: 10 requests a second, so the page sees it move for several seconds.
-    settings = load_settings({**seeded.env, "MIDAS_RATE_LIMIT": "10"})
+    # A slow night: 6 requests a second, so the page sees it move for about ten seconds.
+    settings = load_settings({**seeded.env, "MIDAS_RATE_LIMIT": "6"})
     night = threading.Thread(
         target=run_embedded,
         args=(settings, business_today(settings)),

@@ -384,7 +384,9 @@ def test_wrong_password_and_unknown_name_get_the_same_answer(app_env: dict[str, 
     ).replace("nobody0", "X")
     assert "Wrong name or password." in _body(answers["wrong"])
     wrong, unknown = statistics.median(timings["wrong"]), statistics.median(timings["unknown"])
-    assert 0.5 < wrong / unknown < 2.0, (wrong, unknown)  # both pay one Argon2 verification
+    # Both pay one Argon2 verification; a skipped one would make the ratio ~50 (shared machine:
+    # a generous band).
+    assert 1 / 3 < wrong / unknown < 3, (wrong, unknown)
 
 
 def test_login_attempts_are_rate_limited(app_env: dict[str, str]) -> None:
