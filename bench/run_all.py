@@ -18,7 +18,14 @@ from pathlib import Path
 
 from bench.common import mark_start
 
-BENCHMARKS = ("rate", "pipeline", "memory", "scale", "reports")  # pipeline writes naive too
+BENCHMARKS = (
+    "rate",
+    "pipeline",
+    "memory",
+    "scale",
+    "reports",
+    "console",
+)  # pipeline writes naive too
 
 
 def _ints(value: str) -> list[int]:
@@ -52,12 +59,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--sizes", type=_ints, default=[10_000, 100_000], help="scale: accounts per run")
     p.add_argument("--report-accounts", type=int, default=100_000, help="reports: accounts")
+    p.add_argument("--console-accounts", type=int, default=1_000_000, help="console: accounts")
+    p.add_argument("--console-cases", type=int, default=100_000, help="console: cases")
+    p.add_argument("--console-repeat", type=int, default=30, help="console: calls per URL")
     args = p.parse_args(argv)
     if args.smoke:
         args.rates, args.rate_seconds, args.rate_workers = [50.0], 1.5, 2
         args.baseline_concurrency = 2
         args.accounts, args.naive_accounts, args.profile_accounts = 300, 100, 200
         args.memory_sizes, args.sizes, args.report_accounts = [150], [200, 400], 200
+        args.console_accounts, args.console_cases, args.console_repeat = 3_000, 600, 3
     unknown = set(args.only.split(",")) - set(BENCHMARKS)
     if unknown:
         p.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
@@ -106,6 +117,16 @@ def main(argv: list[str] | None = None) -> None:
             from bench import reports
 
             reports.main(args.report_accounts, out=args.out)
+        elif name == "console":
+            from bench import console
+
+            console.main(
+                args.console_accounts,
+                args.console_cases,
+                repeat=args.console_repeat,
+                nights=30 if args.smoke else console.NIGHTS,
+                out=args.out,
+            )
         print(f"== {name}: {time.monotonic() - started:.0f} s ==", flush=True)
 
 

@@ -53,7 +53,7 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert set(res) == {"rate", "pipeline", "naive", "memory", "scale", "reports"}
+    assert set(res) == {"rate", "pipeline", "naive", "memory", "scale", "reports", "console"}
     for data in res.values():
         assert data["machine"]["nproc"] >= 1 and data["command"].startswith("python -m bench")
 

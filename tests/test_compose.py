@@ -107,7 +107,7 @@ def free_port() -> int:
 
 
 def test_services() -> None:
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "worker", "beat", "simulator"}
+    assert set(SERVICES) == {"postgres", "redis", "migrate", "worker", "beat", "simulator", "web"}
     for name in APP_SERVICES:
         assert SERVICES[name]["build"] == "."  # the image of Dockerfile
     dockerfile = (ROOT / "Dockerfile").read_text()
@@ -176,6 +176,7 @@ def test_compose_env_is_valid_settings_and_names_every_variable() -> None:
     assert settings.DATABASE_URL.startswith("postgresql+psycopg://midas:midas@postgres:5432/")
     assert settings.REDIS_URL == "redis://redis:6379/0" and not settings.embedded
     optional = {"MIDAS_ACCESS_TOKEN", "SESSION_KEY_ENCRYPTION_KEY"}  # from .env when set
+    optional |= {n for n in Settings.model_fields if n.startswith("RECON_WEB_")}  # the console's
     assert set(Settings.model_fields) - optional <= set(env)
     assert env["METRICS_PORT"] and env["PROMETHEUS_MULTIPROC_DIR"]
     # .env values flow through: a password lands in the URL, a base URL replaces the default.
@@ -374,3 +375,25 @@ def test_simulator_command_serves(tmp_path: Path) -> None:
         assert json.loads(out.stdout)["balance"] == players[0]["counters"]["balance"]
     finally:
         assert sim.stop() == 0
+
+
+@pytest.mark.integration
+def test_web_command_serves_the_console(pg_url: str, redis_url: str, tmp_path: Path) -> None:
+    web = SERVICES["web"]
+    assert web["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert all(p.startswith("127.0.0.1:") for p in web["ports"]), "loopback only on the host"
+    port = free_port()
+    cmd = with_option(with_option(command("web"), "--port", str(port)), "--host", "127.0.0.1")
+    env = run_env("web", DATABASE_URL=pg_url, REDIS_URL=redis_url)
+    server = Service(executable(cmd), env, tmp_path / "web.log")
+    try:
+        server.wait_for(r"console on http://")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=10) as r:
+            assert r.status == 200 and b"csrf_token" in r.read()
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10)
+            raise AssertionError("the API answered an anonymous request")
+        except urllib.error.HTTPError as exc:
+            assert exc.code == 401
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from functools import lru_cache
+from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Literal
 from urllib.parse import unquote, urlsplit
@@ -25,6 +26,7 @@ SECRET_VARIABLES = (
     "MIDAS_APP_KEY",
     "MIDAS_ACCESS_TOKEN",
     "SESSION_KEY_ENCRYPTION_KEY",
+    "RECON_WEB_SESSION_SECRET",
 )
 
 # Shorter "secrets" are refused in production, and log redaction ignores shorter strings.
@@ -78,6 +80,14 @@ class Settings(BaseSettings):
 
     SESSION_KEY_ENCRYPTION_KEY: SecretStr | None = None
 
+    # The operators' console (worker/web). Signs its session cookies; unset = a random key
+    # per server process (everyone logs in again after a restart).
+    RECON_WEB_SESSION_SECRET: SecretStr | None = None
+    # Single sign-on: the request header a reverse proxy puts the operator's name in, honoured
+    # only from RECON_WEB_TRUSTED_PROXIES (comma-separated addresses or networks).
+    RECON_WEB_AUTH_HEADER: str | None = None
+    RECON_WEB_TRUSTED_PROXIES: str | None = None
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def]
         # `load_settings` reads the environment itself (to resolve `_FILE` twins), so only the
@@ -108,10 +118,29 @@ class Settings(BaseSettings):
             raise ValueError("must be HH:MM (24-hour)")
         return f"{int(m.group(1)):02d}:{m.group(2)}"
 
-    @field_validator("MIDAS_APPID", "MIDAS_OFFER_ID", "REDIS_URL")
+    @field_validator("MIDAS_APPID", "MIDAS_OFFER_ID", "REDIS_URL", "RECON_WEB_AUTH_HEADER")
     @classmethod
     def _empty_is_unset(cls, v: str | None) -> str | None:
         return v or None
+
+    @field_validator("RECON_WEB_AUTH_HEADER")
+    @classmethod
+    def _header_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9-]{1,64}", v):
+            raise ValueError("must be an HTTP header name (letters, digits and -)")
+        return v
+
+    @field_validator("RECON_WEB_TRUSTED_PROXIES")
+    @classmethod
+    def _networks(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        for part in v.split(","):
+            try:
+                ip_network(part.strip(), strict=False)
+            except ValueError:
+                raise ValueError("must be comma-separated IP addresses or networks") from None
+        return v
 
     @field_validator(*SECRET_VARIABLES, mode="before")
     @classmethod
@@ -139,6 +168,11 @@ class Settings(BaseSettings):
     def calendar(self) -> BusinessCalendar:
         """Business dates, day bounds, the nightly's times and the tolerated clock skew."""
         return BusinessCalendar.from_settings(self)
+
+    @property
+    def trusted_proxies(self) -> list[IPv4Network | IPv6Network]:
+        raw = self.RECON_WEB_TRUSTED_PROXIES or ""
+        return [ip_network(p.strip(), strict=False) for p in raw.split(",") if p.strip()]
 
     @property
     def embedded(self) -> bool:

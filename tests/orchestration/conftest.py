@@ -120,6 +120,9 @@ def world_env(db_url: str, redis_url: str | None, base_url: str, **extra: str) -
         "MIDAS_MAX_IN_FLIGHT": "32",
         "MIDAS_TIMEOUT_S": "5",
         "RECON_SETTLE_SECONDS": str(SETTLE_S),
+        # Test worlds compress time: a 3 s settle window, and a clock skew to match (rows
+        # the game dated within 2 minutes of a fetch would otherwise hold every confirmation).
+        "RECON_CLOCK_SKEW_SECONDS": "1",
         "RECON_TIMEZONE": "Asia/Shanghai",
         "SESSION_KEY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
     }

@@ -9,6 +9,7 @@ from worker.cli import (  # noqa: F401  (imported for their commands)
     report_cmds,
     run_cmds,
     simulator_cmd,
+    web_cmds,
 )
 from worker.cli.base import cli
 

@@ -92,12 +92,12 @@ def _first_line(exc: SQLAlchemyError) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def parse_date(value: str) -> dt.date:
-    """A `--date` value (YYYY-MM-DD), or UsageError."""
+def parse_date(value: str, option: str = "--date") -> dt.date:
+    """A date option's value (YYYY-MM-DD), or UsageError naming the option."""
     try:
         return dt.date.fromisoformat(value)
     except ValueError:
-        raise UsageError(f"--date {value!r} is not a date (YYYY-MM-DD)") from None
+        raise UsageError(f"{option} {value!r} is not a date (YYYY-MM-DD)") from None
 
 
 def broker(send: Callable[[ModuleType], None]) -> None:

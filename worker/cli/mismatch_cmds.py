@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from worker.cli.base import UsageError, cli, database_errors, handle_errors, settings
+from worker.cli.base import UsageError, cli, database_errors, handle_errors, parse_date, settings
 from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, MismatchCase, MismatchEvent
 
 # The JSON/CSV columns of PRODUCT.md §7, in this order.
@@ -51,23 +51,74 @@ STATUS_CHOICES = ("open", "all", *CASE_STATUSES)
     show_default=True,
     help="json: a list of objects; csv: with a header row. Timestamps are UTC ISO 8601.",
 )
+@click.option("--check", "check_name", metavar="NAME", help="Only this check (e.g. balance).")
+@click.option("--zone-id", help="Only this zone.")
+@click.option("--openid", help="Only this player's cases.")
+@click.option(
+    "--opened-from",
+    metavar="YYYY-MM-DD",
+    help="First seen on or after this business date (RECON_TIMEZONE).",
+)
+@click.option(
+    "--opened-to",
+    metavar="YYYY-MM-DD",
+    help="First seen on or before this business date (RECON_TIMEZONE).",
+)
+@click.option("--min-delta", type=click.IntRange(0), metavar="COINS", help="Only |delta| >= COINS.")
+@click.option(
+    "--sort",
+    type=click.Choice(["delta", "age"]),
+    default="delta",
+    show_default=True,
+    help="delta: largest |delta| first; age: oldest first.",
+)
+@click.option("--limit", type=click.IntRange(1), help="At most this many cases.")
 @click.pass_context
 @handle_errors
-def mismatches(ctx: click.Context, status: str, fmt: str) -> None:
+def mismatches(
+    ctx: click.Context,
+    status: str,
+    fmt: str,
+    check_name: str | None,
+    zone_id: str | None,
+    openid: str | None,
+    opened_from: str | None,
+    opened_to: str | None,
+    min_delta: int | None,
+    sort: str,
+    limit: int | None,
+) -> None:
     """List mismatch cases (by default the open ones), largest difference first.
 
-    delta is midas_value - ledger_value as last seen. Subcommands show one case's history
-    and let an operator acknowledge or resolve it with a note.
+    delta is midas_value - ledger_value as last seen. The filters are the console's (/cases).
+    Subcommands show one case's history and let an operator acknowledge or resolve it with
+    a note.
     """
     if ctx.invoked_subcommand is not None:
         return
-    from worker.db.cases import list_cases
+    from worker.db.console import CaseQuery, search_cases
     from worker.db.session import session_scope
+    from worker.recon.console import opened_between
 
+    s = settings()
     statuses: Sequence[str] | None
     statuses = OPEN_CASE_STATUSES if status == "open" else None if status == "all" else [status]
-    with database_errors(), session_scope(settings().DATABASE_URL) as session:
-        rows = [_case_row(c) for c in list_cases(session, statuses)]
+    start, end = opened_between(
+        _date(opened_from, "--opened-from"), _date(opened_to, "--opened-to"), s.calendar
+    )
+    query = CaseQuery(
+        statuses=statuses,
+        check=check_name,
+        zone_id=zone_id,
+        openid=openid,
+        opened_from=start,
+        opened_before=end,
+        min_abs_delta=min_delta,
+        sort=sort,
+        limit=limit,
+    )
+    with database_errors(), session_scope(s.DATABASE_URL) as session:
+        rows = [_case_row(c) for c in search_cases(session, query)]
     if fmt == "json":
         click.echo(json.dumps([_jsonable(r) for r in rows], indent=2))
     elif fmt == "csv":
@@ -188,6 +239,10 @@ def _act(action: Any, case_id: int, note: str, actor: str | None) -> None:
         except CaseError as exc:
             raise UsageError(str(exc)) from None
     click.echo(f"case {case_id} {status}")
+
+
+def _date(value: str | None, option: str) -> dt.date | None:
+    return None if value is None else parse_date(value, option)
 
 
 def _os_user() -> str:

@@ -232,6 +232,10 @@ class MismatchCase(Base):
             sqlite_where=text(_in("status", OPEN_CASE_STATUSES)),
         ),
         Index("ix_mismatch_cases_status_due", "status", "confirm_due_at"),
+        # The console: one account's cases in any status, cases by day, the cases of a run.
+        Index("ix_mismatch_cases_account", "openid", "zone_id"),
+        Index("ix_mismatch_cases_first_seen_at", "first_seen_at"),
+        Index("ix_mismatch_cases_opened_run_id", "opened_run_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -282,3 +286,17 @@ class Cursor(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[int] = mapped_column(BigInteger)
     updated_at: Mapped[dt.datetime]
+
+
+class Operator(Base):
+    """A person who may log in to the console (`midas-recon operators add`)."""
+
+    __tablename__ = "operators"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # Recorded in case events as "operator:<name>" (mismatch_events.actor holds 64).
+    name: Mapped[str] = mapped_column(String(55), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)  # Argon2id, encoded; never the password
+    disabled_at: Mapped[dt.datetime | None]  # set by `operators disable`: no more logins
+    last_login_at: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
