@@ -167,23 +167,7 @@ def plan_late_ledger_rechecks(
     """
     now = now or clock.utcnow()
     accounts = ledger_repo.accounts_compared_without(session, after_id)
-    if not accounts:
-        return []
-    run_id = repo.insert_run(
-        session,
-        kind="recheck",
-        business_date=settings.calendar.today(now),
-        trigger=trigger,
-        api_version=settings.MIDAS_API_VERSION,
-        now=now,
-    )
-    repo.plan_accounts(session, run_id, accounts)
-    repo.mark_running(session, run_id, planned=len(accounts), now=now)
-    batches = []
-    while ids := repo.claim_pending(session, run_id, limit=size, claim=now):
-        batches.append(Batch(run_id, ids, now))
-    log.info("late_ledger_rechecks_planned", extra={"run_id": run_id, "planned": len(accounts)})
-    return batches
+    return _claimed_run(session, settings, "recheck", trigger, accounts, size=size, now=now)
 
 
 def plan_confirm_pass(
@@ -205,13 +189,28 @@ def plan_confirm_pass(
         retry_after=now - dt.timedelta(seconds=CONFIRM_RETRY_S),
         limit=CONFIRM_PASS_LIMIT,
     )
+    return _claimed_run(session, settings, "confirm", "confirm-pass", accounts, size=size, now=now)
+
+
+def _claimed_run(
+    session: Session,
+    settings: Settings,
+    kind: str,
+    trigger: str,
+    accounts: list[int],
+    *,
+    size: int,
+    now: dt.datetime,
+) -> list[Batch]:
+    """A running run of `kind` over `accounts`, all claimed in batches of `size` (none for no
+    accounts): the fast lane's planners hand these straight to fetch batches."""
     if not accounts:
         return []
     run_id = repo.insert_run(
         session,
-        kind="confirm",
+        kind=kind,
         business_date=settings.calendar.today(now),
-        trigger="confirm-pass",
+        trigger=trigger,
         api_version=settings.MIDAS_API_VERSION,
         now=now,
     )
@@ -220,7 +219,7 @@ def plan_confirm_pass(
     batches = []
     while ids := repo.claim_pending(session, run_id, limit=size, claim=now):
         batches.append(Batch(run_id, ids, now))
-    log.info("confirm_pass_planned", extra={"run_id": run_id, "planned": len(accounts)})
+    log.info("run_planned", extra={"run_id": run_id, "planned": len(accounts), "kind": kind})
     return batches
 
 
