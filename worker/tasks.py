@@ -35,6 +35,7 @@ from worker.db.session import session_scope
 from worker.recon import rechecks
 from worker.recon import runs as service
 from worker.recon.runs import Batch
+from worker.text import strip_controls
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +212,7 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
     """Plan the nightly run of a date (default today in RECON_TIMEZONE); a second start is a
     no-op."""
     day = dt.date.fromisoformat(business_date) if business_date is not None else None
-    if not isinstance(trigger, str) or not 0 < len(trigger) <= 32:
+    if not isinstance(trigger, str) or not 0 < len(trigger := strip_controls(trigger)) <= 32:
         raise ValueError("trigger must be a short name")
     rt = runtime()
     with session_scope(rt.settings.DATABASE_URL) as session:
