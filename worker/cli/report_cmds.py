@@ -114,11 +114,19 @@ def demo(players: int, output_dir: Path | None, seed: int) -> None:
         raise JobFailed("the demo found something other than what it planted (summary above)")
 
 
+# A statement reads the day before and the 30 days before its date; dates near year 1 or
+# 9999 overflow Python's calendar, and no Midas data is that old (or that far ahead).
+FIRST_DATE, LAST_DATE = dt.date(2000, 1, 1), dt.date(2999, 12, 31)
+
+
 def _parse_date(text: str) -> dt.date:
     try:
-        return dt.date.fromisoformat(text)
+        day = dt.date.fromisoformat(text)
     except ValueError:
         raise UsageError(f"--date must be YYYY-MM-DD, got {text!r}") from None
+    if not FIRST_DATE <= day <= LAST_DATE:
+        raise UsageError(f"--date must be between {FIRST_DATE} and {LAST_DATE}, got {day}")
+    return day
 
 
 def write_atomically(path: Path, text: str) -> None:
