@@ -319,13 +319,15 @@ class Procs:
         self.env.update(env)
 
     def worker(
-        self, name: str, concurrency: int = 2, level: str = LOG_LEVEL
+        self, name: str, concurrency: int = 2, level: str = LOG_LEVEL, *, events: bool = False
     ) -> subprocess.Popen[bytes]:
         cmd = [
             CELERY, "-A", "worker", "worker", "--pool", "prefork",
             "--concurrency", str(concurrency), "-Q", "recheck,nightly", "-n", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", level,
         ]  # fmt: skip
+        if events:
+            cmd.append("-E")  # task events, as `celery events` and Flower see them
         return self._start(name, cmd)
 
     def beat(self) -> subprocess.Popen[bytes]:
