@@ -22,10 +22,12 @@ recheck for a free process.
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery, Task, current_task, signals
 from celery.schedules import crontab
@@ -131,11 +133,25 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
+def broker_tls(redis_url: str | None) -> dict[str, Any] | None:
+    """TLS options for a `rediss://` broker: certificates verified (kombu's default for a
+    rediss URL without options is not to verify them); `?ssl_ca_certs=PATH` names a private CA.
+    """
+    if redis_url is None or urlsplit(redis_url).scheme != "rediss":
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    ca_file = parse_qs(urlsplit(redis_url).query).get("ssl_ca_certs")
+    if ca_file:
+        options["ssl_ca_certs"] = ca_file[0]
+    return options
+
+
 def make_app(settings: Settings) -> Celery:
     """A Celery app configured from `settings` (the worker's, or a sender's in the CLI)."""
     app = Celery("midas_recon", set_as_current=False)
     app.conf.update(
         broker_url=settings.REDIS_URL,
+        broker_use_ssl=broker_tls(settings.REDIS_URL),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
@@ -176,6 +192,11 @@ def make_app(settings: Settings) -> Celery:
         task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
         task_send_sent_event=False,
         worker_send_task_events=False,
+        # No remote control: with it any client of the broker lists the waiting and running
+        # tasks with their arguments (`celery inspect`), revokes them, or stops every worker
+        # with one broadcast `shutdown`. Nothing here needs it: progress is in Postgres,
+        # health checks look at the process and the broker, not at a control reply.
+        worker_enable_remote_control=False,
         # Our JSON logging (worker.logs) stays in charge of the root logger.
         worker_hijack_root_logger=False,
         timezone=settings.RECON_TIMEZONE,
@@ -206,11 +227,13 @@ def project_task(
     soft_time_limit: float = 60,
     time_limit: float = 90,
     retry_on: tuple[type[BaseException], ...] = (),
+    request: str | None = None,
 ) -> Callable[[F], Task]:
     """Register `fn` as `midas_recon.<name>` with the project's options, spelled once.
 
     Celery accepts any keyword as a task option and silently ignores a misspelled one, so
     tasks use this decorator (typed keywords only) and tests/orchestration checks the result.
+    `request` names a Celery Request class ("module:Class"), e.g. one that hides arguments.
     """
     full = f"midas_recon.{name}"
     if full not in TASK_QUEUES:
@@ -227,6 +250,8 @@ def project_task(
             "soft_time_limit": soft_time_limit,
             "time_limit": time_limit,
         }
+        if request is not None:
+            options["Request"] = request
         if retry_on:
             # For tasks nothing else would redo (a nightly start from beat, a login): a new
             # message with a backoff countdown, well under MAX_COUNTDOWN_S.
@@ -269,11 +294,20 @@ def _connect_signals() -> None:
     signals.setup_logging.connect(setup_logging, weak=False, dispatch_uid="midas_recon_logs")
 
     def refuse_incomplete_production(**_kwargs: Any) -> None:
+        from worker.db.accounts import check_a_stored_key_opens
+
+        settings = get_settings()
         try:
-            get_settings().check_production_start()
+            settings.check_production_start()
+            if settings.MIDAS_ENV == "production":
+                check_a_stored_key_opens(settings)
         except ConfigError as exc:
             print(f"midas-recon: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        if settings.MIDAS_ALLOW_PLAIN_HTTP and settings.MIDAS_API_BASE.startswith("http://"):
+            logging.getLogger(__name__).warning(
+                "midas.plain_http_allowed", extra={"reason": settings.MIDAS_ALLOW_PLAIN_HTTP}
+            )
 
     for signal in (signals.worker_init, signals.beat_init):
         signal.connect(refuse_incomplete_production, weak=False, dispatch_uid="midas_recon_prod")

@@ -18,11 +18,13 @@ from itertools import islice
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, case, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
+from worker.config import ConfigError, Settings
 from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
 from worker.db.models import Account
-from worker.db.session import dialect_insert
+from worker.db.session import dialect_insert, session_scope
 
 BATCH_SIZE = 2000
 
@@ -181,3 +183,34 @@ def rekey_session_keys(
         undecryptable=undecryptable,
         finished=len(rows) < limit,
     )
+
+
+def check_a_stored_key_opens(settings: Settings) -> None:
+    """ConfigError when the newest stored session key opens with no SESSION_KEY_ENCRYPTION_KEY.
+
+    For the production start check: with a wrong key every account would be fetched without
+    its session key. A database not reachable (or not migrated) yet is the tasks' business:
+    they retry, and `midas-recon db upgrade` says what is wrong.
+    """
+    if settings.SESSION_KEY_ENCRYPTION_KEY is None:
+        return
+    cipher = SessionKeyCipher.from_settings(settings)
+    try:
+        with session_scope(settings.DATABASE_URL) as session:
+            stored = session.scalar(
+                select(_accounts.c.session_key_enc)
+                .where(_accounts.c.session_key_enc.is_not(None))
+                .order_by(_accounts.c.id.desc())
+                .limit(1)
+            )
+    except SQLAlchemyError:
+        return
+    if stored is None:
+        return
+    try:
+        cipher.decrypt(stored)
+    except UndecryptableSessionKey:
+        raise ConfigError(
+            "SESSION_KEY_ENCRYPTION_KEY does not open the stored session keys; list the key "
+            "that encrypted them (new,old) and run `midas-recon accounts rekey`"
+        ) from None
