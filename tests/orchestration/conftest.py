@@ -122,6 +122,7 @@ def world_env(db_url: str, redis_url: str | None, base_url: str, **extra: str) -
         "RECON_SETTLE_SECONDS": str(SETTLE_S),
         "RECON_TIMEZONE": "Asia/Shanghai",
         "SESSION_KEY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "SESSION_KEY_TRANSPORT_KEY": Fernet.generate_key().decode(),
     }
     if redis_url is not None:
         env["REDIS_URL"] = redis_url
