@@ -166,6 +166,17 @@ def test_accounts_rekey_rotates_and_reports_lost_keys(sqlite_url: str) -> None:
     assert result.stderr.startswith("midas-recon: 1 session keys open with no configured key")
     assert "account ids 4" in result.stderr
 
+    # The key is gone for good: drop what it made, the players' next logins bring new ones.
+    result = run(env, "accounts", "rekey", "--forget-lost")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == (
+        "session keys: 0 re-encrypted, 3 already on the newest key, 1 lost keys forgotten\n"
+    )
+    with session_scope(sqlite_url) as session:
+        o9 = session.scalars(select(Account).where(Account.openid == "o9")).one()
+        assert o9.session_key_enc is None and o9.session_key_updated_at is None
+        assert session.scalar(select(func.count()).where(Account.session_key_enc.is_not(None))) == 3
+
 
 @pytest.mark.parametrize(
     "command",

@@ -138,15 +138,23 @@ class RekeyBatch:
     current: int
     undecryptable: list[int]  # account ids whose key no configured key opens
     finished: bool
+    forgotten: int = 0  # undecryptable keys dropped (forget_lost)
 
 
 def rekey_session_keys(
-    session: Session, cipher: SessionKeyCipher, *, after_id: int = 0, limit: int = 1000
+    session: Session,
+    cipher: SessionKeyCipher,
+    *,
+    after_id: int = 0,
+    limit: int = 1000,
+    forget_lost: bool = False,
 ) -> RekeyBatch:
     """Re-encrypt with the newest key the stored session keys of accounts with id > after_id.
 
     Call it repeatedly (one transaction each) until `finished`, so that a rotation over
-    millions of accounts never holds row locks for long.
+    millions of accounts never holds row locks for long. `forget_lost` drops the keys no
+    configured key opens (the key that made them is gone for good): those accounts are
+    fetched without a key until their players log in again, instead of as errors.
     """
     rows = session.execute(
         select(_accounts.c.id, _accounts.c.session_key_enc)
@@ -165,23 +173,31 @@ def rekey_session_keys(
             changes.append({"b_id": account_id, "b_old": token, "b_new": cipher.rotate(token)})
         except UndecryptableSessionKey:
             undecryptable.append(account_id)
+    # Compare-and-set on the old ciphertext: a login that stored a new key meanwhile wins.
+    same_key = and_(
+        _accounts.c.id == bindparam("b_id"), _accounts.c.session_key_enc == bindparam("b_old")
+    )
     if changes:
-        # Compare-and-set on the old ciphertext: a login that stored a new key meanwhile wins.
+        session.execute(
+            update(_accounts).where(same_key).values(session_key_enc=bindparam("b_new")),
+            changes,
+        )
+    gone = set(undecryptable) if forget_lost else set()
+    lost = {account_id: token for account_id, token in rows if account_id in gone}
+    if lost:
         session.execute(
             update(_accounts)
-            .where(
-                _accounts.c.id == bindparam("b_id"),
-                _accounts.c.session_key_enc == bindparam("b_old"),
-            )
-            .values(session_key_enc=bindparam("b_new")),
-            changes,
+            .where(same_key)
+            .values(session_key_enc=None, session_key_updated_at=None),
+            [{"b_id": a, "b_old": t} for a, t in lost.items()],
         )
     return RekeyBatch(
         last_id=rows[-1][0] if rows else after_id,
         rekeyed=len(changes),
         current=current,
-        undecryptable=undecryptable,
+        undecryptable=[] if forget_lost else undecryptable,
         finished=len(rows) < limit,
+        forgotten=len(lost),
     )
 
 
