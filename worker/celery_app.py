@@ -78,6 +78,16 @@ MAX_COUNTDOWN_S: Final = 300
 VISIBILITY_TIMEOUT_S: Final = 1800
 assert VISIBILITY_TIMEOUT_S > LONGEST_HARD_LIMIT_S + MAX_COUNTDOWN_S
 
+# Remote control commands a worker answers (limit_remote_control). With all of them, any
+# client of the broker lists the waiting and running tasks with their arguments (`inspect
+# reserved`), revokes them, or stops every worker with one broadcast `shutdown`. `ping` is
+# what a liveness probe may use; `hello` is how a starting worker syncs with the others
+# (mingle). Progress is in Postgres, so operators need nothing else.
+# (Remote control is not switched off altogether: without the control consumer, a worker's
+# Redis poller was seen to leave a requeued batch reserved and never run it after a pool
+# process was killed: tests/orchestration/test_nightly.py's kill test then hung.)
+REMOTE_CONTROL_ALLOWED: Final = frozenset({"ping", "hello"})
+
 # How often beat drives the periodic work.
 SWEEP_EVERY_S: Final = 15.0
 LEDGER_SCAN_EVERY_S: Final = 30.0
@@ -192,11 +202,6 @@ def make_app(settings: Settings) -> Celery:
         task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
         task_send_sent_event=False,
         worker_send_task_events=False,
-        # No remote control: with it any client of the broker lists the waiting and running
-        # tasks with their arguments (`celery inspect`), revokes them, or stops every worker
-        # with one broadcast `shutdown`. Nothing here needs it: progress is in Postgres,
-        # health checks look at the process and the broker, not at a control reply.
-        worker_enable_remote_control=False,
         # Our JSON logging (worker.logs) stays in charge of the root logger.
         worker_hijack_root_logger=False,
         timezone=settings.RECON_TIMEZONE,
@@ -304,13 +309,28 @@ def _connect_signals() -> None:
         except ConfigError as exc:
             print(f"midas-recon: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
-        if settings.MIDAS_ALLOW_PLAIN_HTTP and settings.MIDAS_API_BASE.startswith("http://"):
+        if settings.MIDAS_ALLOW_PLAIN_HTTP and settings.midas_over_plain_http:
             logging.getLogger(__name__).warning(
                 "midas.plain_http_allowed", extra={"reason": settings.MIDAS_ALLOW_PLAIN_HTTP}
             )
 
     for signal in (signals.worker_init, signals.beat_init):
         signal.connect(refuse_incomplete_production, weak=False, dispatch_uid="midas_recon_prod")
+
+    def limit_on_start(**_kwargs: Any) -> None:
+        limit_remote_control()
+
+    signals.worker_init.connect(limit_on_start, weak=False, dispatch_uid="midas_recon_control")
+
+
+def limit_remote_control() -> None:
+    """Unregister every remote control command but REMOTE_CONTROL_ALLOWED in this process:
+    the worker then answers the others with nothing (and logs "No such control command")."""
+    from celery.worker.control import Panel
+
+    for name in list(Panel.data):
+        if name not in REMOTE_CONTROL_ALLOWED:
+            del Panel.data[name]
 
 
 _connect_signals()

@@ -244,9 +244,13 @@ class Settings(BaseSettings):
             return ["MIDAS_APPID", "MIDAS_APP_SECRET", "SESSION_KEY_ENCRYPTION_KEY"]
         return ["MIDAS_APPID", "MIDAS_APP_SECRET"]
 
+    @property
+    def midas_over_plain_http(self) -> bool:
+        return urlsplit(self.MIDAS_API_BASE).scheme == "http"
+
     def refuse_plain_http(self) -> None:
         """Production talks to Midas over TLS only, unless MIDAS_ALLOW_PLAIN_HTTP says why."""
-        plain = urlsplit(self.MIDAS_API_BASE).scheme == "http"
+        plain = self.midas_over_plain_http
         if plain and self.MIDAS_ENV == "production" and not self.MIDAS_ALLOW_PLAIN_HTTP:
             raise ConfigError(
                 "MIDAS_API_BASE is http:// with MIDAS_ENV=production: the app secret and the "

@@ -8,6 +8,7 @@ message (the broker and its disk, Flower, `celery events`, the worker's log) see
     celery.send_task(
         "midas_recon.record_login",
         args=(openid, "1", seal_session_key(session_key, TRANSPORT_KEY)),
+        queue="recheck",  # the game's own Celery app does not know our routes
     )
 
 TRANSPORT_KEY is the first key of the worker's SESSION_KEY_TRANSPORT_KEY. The sealed value is

@@ -193,14 +193,18 @@ def test_no_session_key_in_the_broker_events_or_log(
 def test_a_broker_client_can_neither_list_nor_stop_the_worker(
     db_url: str, redis_url: str, procs: Procs
 ) -> None:
-    """With remote control on, `inspect reserved` listed waiting tasks with their arguments
-    and one broadcast `shutdown` stopped every worker."""
+    """With every remote control command on, `inspect reserved` listed waiting tasks with
+    their arguments and one broadcast `shutdown` stopped every worker; `ping` stays."""
     env = world_env(db_url, redis_url, "https://midas.invalid")
     procs.configure(env)
     worker = procs.worker("w1", concurrency=1, level="INFO")
     wait_for(lambda: " ready." in procs.log("w1"), 60, "the worker")
     intruder = Celery("intruder", broker=redis_url, set_as_current=False)
-    assert intruder.control.inspect(timeout=2).reserved() is None  # no worker answers
+    assert intruder.control.inspect(timeout=2).ping()  # a liveness probe still works
+    for listing in ("reserved", "active", "scheduled", "query_task", "stats"):
+        replies = getattr(intruder.control.inspect(timeout=1), listing)() or {}
+        # At most "no such command" (KeyError), never a task or its arguments.
+        assert all(set(r) == {"error"} for r in replies.values()), (listing, replies)
     intruder.control.broadcast("shutdown")
     time.sleep(3)
     assert worker.poll() is None, procs.log("w1")[-2000:]

@@ -202,11 +202,12 @@ def rekey_session_keys(
 
 
 def check_a_stored_key_opens(settings: Settings) -> None:
-    """ConfigError when the newest stored session key opens with no SESSION_KEY_ENCRYPTION_KEY.
+    """ConfigError when the session key of the newest account with one opens with no
+    SESSION_KEY_ENCRYPTION_KEY.
 
-    For the production start check: with a wrong key every account would be fetched without
-    its session key. A database not reachable (or not migrated) yet is the tasks' business:
-    they retry, and `midas-recon db upgrade` says what is wrong.
+    For the production start check: with a wrong key every account would be an error. A
+    database not reachable (or not migrated) yet is the tasks' business: they retry, and
+    `midas-recon db upgrade` says what is wrong.
     """
     if settings.SESSION_KEY_ENCRYPTION_KEY is None:
         return
