@@ -70,7 +70,7 @@ def test_make_token_provider_choice(redis_url: str) -> None:
     stable = make_token_provider(load_settings(env))
     assert isinstance(stable, StableTokenProvider)
     assert type(stable._store).__name__ == "_MemoryStore"
-    with pytest.raises(ConfigError, match="SESSION_KEY_ENCRYPTION_KEY is not set"):
+    with pytest.raises(ConfigError, match="SESSION_KEY_ENCRYPTION_KEY is not set; it seals"):
         make_token_provider(load_settings({**env, "REDIS_URL": redis_url}))  # cannot seal it
     sealing = {**env, "REDIS_URL": redis_url, "SESSION_KEY_ENCRYPTION_KEY": SEALER_KEY}
     shared = make_token_provider(load_settings(sealing))

@@ -412,6 +412,12 @@ def make_token_provider(
     """MIDAS_ACCESS_TOKEN when set; else stable_token, cached in Redis (sealed with
     SESSION_KEY_ENCRYPTION_KEY) when REDIS_URL is set."""
     settings.refuse_plain_http()
+    sharing = settings.MIDAS_ACCESS_TOKEN is None and settings.REDIS_URL is not None
+    if sharing and settings.SESSION_KEY_ENCRYPTION_KEY is None:  # the general message, and why
+        raise ConfigError(
+            "SESSION_KEY_ENCRYPTION_KEY is not set; it seals the access token the workers "
+            "share through Redis"
+        )
     settings.require(*settings.token_requirements())
     if settings.MIDAS_ACCESS_TOKEN is not None:
         return StaticToken(settings.MIDAS_ACCESS_TOKEN.get_secret_value())
