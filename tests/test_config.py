@@ -3,6 +3,9 @@ placeholders refused in production."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from datetime import time
 from pathlib import Path
 
@@ -33,6 +36,7 @@ def test_environment_is_read_and_typed() -> None:
             "MIDAS_API_BASE": "http://127.0.0.1:8080/",
             "MIDAS_API_VERSION": "v2",
             "MIDAS_ENV": "production",
+            "MIDAS_ALLOW_PLAIN_HTTP": "a test server on loopback",
             "MIDAS_SEND_MP_SIG": "true",
             "MIDAS_RATE_LIMIT": "12.5",
             "MIDAS_MAX_IN_FLIGHT": "4",
@@ -179,3 +183,92 @@ def test_secret_values_cover_every_secret_and_url_passwords() -> None:
     shown = repr(s) + str(s)
     for value in ("app-secret-1", "app-key-2", "token-3", "fernet-new-4"):
         assert value not in shown
+
+
+# -- inputs that used to end in a traceback or leak (issue 13) ---------------------------------
+
+CLI = str(Path(sys.executable).with_name("midas-recon"))
+
+
+def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MIDAS_", "RECON_"))}
+    base.pop("REDIS_URL", None)
+    return subprocess.run(
+        [CLI, *args], env={**base, **env}, capture_output=True, text=True, timeout=60
+    )
+
+
+def _one_line(done: subprocess.CompletedProcess[str]) -> str:
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    (line,) = done.stderr.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("postgresql+psycopg://u:pw-1234567@127.0.0.1:abc/db", "DATABASE_URL: the port is not"),
+        ("mysql://x", "DATABASE_URL: only sqlite:/// and postgresql+psycopg:// URLs"),
+        ("not a url", "DATABASE_URL: not a database URL"),
+        # An unencoded @ made "tail-secret@127.0.0.1" the host: the driver printed it.
+        ("postgresql+psycopg://u:pw@tail-secret@127.0.0.1:1/db", "unencoded @; write it as %40"),
+    ],
+)
+def test_a_bad_database_url_is_one_line_and_exit_2(url: str, reason: str) -> None:
+    line = _one_line(_cli({"DATABASE_URL": url}, "runs"))
+    assert reason in line
+    assert "pw-1234567" not in line and "tail-secret" not in line
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://127.0.0.1:port/0", "REDIS_URL: the port is not a number"),
+        ("http://127.0.0.1:6379/0", "REDIS_URL: must start with redis://, rediss://"),
+    ],
+)
+def test_a_bad_redis_url_is_one_line(url: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{reason}"):
+        load_settings({"REDIS_URL": url})
+
+
+def test_rediss_is_accepted_and_an_at_in_a_redis_password_is_all_password() -> None:
+    s = load_settings({"REDIS_URL": "rediss://:pw@tail-secret@redis.internal:6380/0"})
+    assert "pw@tail-secret" in s.secret_values()  # redis-py splits at the last @ too
+    assert "tail-secret" not in repr(s)
+
+
+def test_repr_masks_the_url_passwords() -> None:
+    s = load_settings(
+        {
+            "DATABASE_URL": "postgresql+psycopg://midas:pg-pass-0192@db:5432/m",
+            "REDIS_URL": "redis://:redis-pass-7781@redis:6379/0",
+            "MIDAS_APP_KEY": "app-key-value-11",
+        }
+    )
+    for text in (repr(s), str(s)):
+        assert "pg-pass-0192" not in text and "redis-pass-7781" not in text
+        assert "app-key-value-11" not in text
+        assert "postgresql+psycopg://midas:***@db:5432/m" in text
+
+
+def test_a_non_utf8_secret_file_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "key"
+    path.write_bytes(b"\xff\xfe\x00secret-bytes")
+    with pytest.raises(ConfigError, match=r"^MIDAS_APP_KEY_FILE is not UTF-8 text$"):
+        load_settings({"MIDAS_APP_KEY_FILE": str(path)})
+    line = _one_line(_cli({"MIDAS_APP_KEY_FILE": str(path)}, "runs"))
+    assert line == "midas-recon: MIDAS_APP_KEY_FILE is not UTF-8 text"
+
+
+def test_production_refuses_plain_http_unless_told_why() -> None:
+    prod = {"MIDAS_ENV": "production", "MIDAS_API_BASE": "http://midas-proxy.internal:8080"}
+    with pytest.raises(ConfigError, match=r"^MIDAS_API_BASE is http:// with MIDAS_ENV=production"):
+        load_settings(prod)
+    with pytest.raises(ConfigError):
+        load_settings({**prod, "MIDAS_ALLOW_PLAIN_HTTP": " "})  # blank is no reason
+    allowed = load_settings({**prod, "MIDAS_ALLOW_PLAIN_HTTP": "TLS added by the egress proxy"})
+    assert allowed.MIDAS_API_BASE.startswith("http://")
+    assert load_settings({**prod, "MIDAS_ENV": "sandbox"}).MIDAS_ENV == "sandbox"
+    load_settings({**prod, "MIDAS_API_BASE": "https://api.weixin.qq.com"})

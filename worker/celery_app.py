@@ -22,10 +22,12 @@ recheck for a free process.
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 from celery import Celery, Task, current_task, signals
 from celery.beat import BeatLazyFunc
@@ -77,6 +79,17 @@ MAX_COUNTDOWN_S: Final = 300
 # claims back after STALE_CLAIM_S (worker.recon.runs).
 VISIBILITY_TIMEOUT_S: Final = 1800
 assert VISIBILITY_TIMEOUT_S > LONGEST_HARD_LIMIT_S + MAX_COUNTDOWN_S
+
+# Remote control commands a worker answers (limit_remote_control). With all of them, any
+# client of the broker lists the waiting and running tasks with their arguments (`inspect
+# reserved`), revokes them, or stops every worker with one broadcast `shutdown`. `ping` is
+# what a liveness probe may use; `hello` is how a starting worker syncs with the others
+# (mingle). Progress is in Postgres, so operators need nothing else.
+# (Not switched off altogether: with worker_enable_remote_control=False the kill test of
+# tests/orchestration/test_nightly.py hung in 2 runs of 2, a batch claimed at the start never
+# run after a pool process was killed, and passed 2 of 2 with it on. The cause, somewhere in
+# how kombu's Redis poller behaves without the control consumer, is not pinned down.)
+REMOTE_CONTROL_ALLOWED: Final = frozenset({"ping", "hello"})
 
 # How often beat drives the periodic work.
 SWEEP_EVERY_S: Final = 15.0
@@ -138,11 +151,25 @@ def beat_schedule(settings: Settings, app: Celery) -> dict[str, dict[str, Any]]:
     }
 
 
+def broker_tls(redis_url: str | None) -> dict[str, Any] | None:
+    """TLS options for a `rediss://` broker: certificates verified (kombu's default for a
+    rediss URL without options is not to verify them); `?ssl_ca_certs=PATH` names a private CA.
+    """
+    if redis_url is None or urlsplit(redis_url).scheme != "rediss":
+        return None
+    options: dict[str, Any] = {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    ca_file = parse_qs(urlsplit(redis_url).query).get("ssl_ca_certs")
+    if ca_file:
+        options["ssl_ca_certs"] = ca_file[0]
+    return options
+
+
 def make_app(settings: Settings) -> Celery:
     """A Celery app configured from `settings` (the worker's, or a sender's in the CLI)."""
     app = Celery("midas_recon", set_as_current=False)
     app.conf.update(
         broker_url=settings.REDIS_URL,
+        broker_use_ssl=broker_tls(settings.REDIS_URL),
         broker_connection_retry_on_startup=True,
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT_S,
@@ -218,11 +245,13 @@ def project_task(
     soft_time_limit: float = 60,
     time_limit: float = 90,
     retry_on: tuple[type[BaseException], ...] = (),
+    request: str | None = None,
 ) -> Callable[[F], Task]:
     """Register `fn` as `midas_recon.<name>` with the project's options, spelled once.
 
     Celery accepts any keyword as a task option and silently ignores a misspelled one, so
     tasks use this decorator (typed keywords only) and tests/orchestration checks the result.
+    `request` names a Celery Request class ("module:Class"), e.g. one that hides arguments.
     """
     full = f"midas_recon.{name}"
     if full not in TASK_QUEUES:
@@ -239,6 +268,8 @@ def project_task(
             "soft_time_limit": soft_time_limit,
             "time_limit": time_limit,
         }
+        if request is not None:
+            options["Request"] = request
         if retry_on:
             # For tasks nothing else would redo (a nightly start from beat, a login): a new
             # message with a backoff countdown, well under MAX_COUNTDOWN_S.
@@ -281,14 +312,38 @@ def _connect_signals() -> None:
     signals.setup_logging.connect(setup_logging, weak=False, dispatch_uid="midas_recon_logs")
 
     def refuse_incomplete_production(**_kwargs: Any) -> None:
+        from worker.db.accounts import check_a_stored_key_opens
+
+        settings = get_settings()
         try:
-            get_settings().check_production_start()
+            settings.check_production_start()
+            if settings.MIDAS_ENV == "production":
+                check_a_stored_key_opens(settings)
         except ConfigError as exc:
             print(f"midas-recon: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        if settings.MIDAS_ALLOW_PLAIN_HTTP and settings.midas_over_plain_http:
+            logging.getLogger(__name__).warning(
+                "midas.plain_http_allowed", extra={"reason": settings.MIDAS_ALLOW_PLAIN_HTTP}
+            )
 
     for signal in (signals.worker_init, signals.beat_init):
         signal.connect(refuse_incomplete_production, weak=False, dispatch_uid="midas_recon_prod")
+
+    def limit_on_start(**_kwargs: Any) -> None:
+        limit_remote_control()
+
+    signals.worker_init.connect(limit_on_start, weak=False, dispatch_uid="midas_recon_control")
+
+
+def limit_remote_control() -> None:
+    """Unregister every remote control command but REMOTE_CONTROL_ALLOWED in this process:
+    the worker then answers the others with nothing (and logs "No such control command")."""
+    from celery.worker.control import Panel
+
+    for name in list(Panel.data):
+        if name not in REMOTE_CONTROL_ALLOWED:
+            del Panel.data[name]
 
 
 _connect_signals()

@@ -11,7 +11,7 @@ import re
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -27,7 +27,12 @@ SECRET_VARIABLES = (
     "MIDAS_ACCESS_TOKEN",
     "SESSION_KEY_ENCRYPTION_KEY",
     "RECON_WEB_SESSION_SECRET",
+    "SESSION_KEY_TRANSPORT_KEY",
 )
+
+# DATABASE_URL dialects the project runs on (the embedded default and production).
+_DATABASE_DIALECTS = ("sqlite", "postgresql")
+_REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 # Shorter "secrets" are refused in production, and log redaction ignores shorter strings.
 MIN_SECRET_LENGTH = 8
@@ -49,6 +54,10 @@ class Settings(BaseSettings):
     MIDAS_API_BASE: str = "https://api.weixin.qq.com"
     MIDAS_API_VERSION: Literal["v1", "v2"] = "v1"
     MIDAS_ENV: Literal["sandbox", "production"] = "sandbox"
+    # In production a plain http:// MIDAS_API_BASE is refused (the app secret and the access
+    # token would cross the network in clear) unless this says why it is safe, e.g. "TLS is
+    # added by the egress proxy on localhost". Logged at start; empty = not allowed.
+    MIDAS_ALLOW_PLAIN_HTTP: str | None = None
     MIDAS_APPID: str | None = None
     MIDAS_APP_SECRET: SecretStr | None = None
     MIDAS_OFFER_ID: str | None = None
@@ -79,6 +88,10 @@ class Settings(BaseSettings):
     RECON_CHECKS: str | None = None
 
     SESSION_KEY_ENCRYPTION_KEY: SecretStr | None = None
+    # Fernet key(s), newest first, shared with the game server, which seals each session key
+    # with the first before sending `record_login` (worker/intake.py): the broker, Flower,
+    # `celery events` and the worker's log only ever see the sealed value.
+    SESSION_KEY_TRANSPORT_KEY: SecretStr | None = None
 
     # The operators' console (worker/web). Signs its session cookies; unset = a random key
     # per server process (everyone logs in again after a restart).
@@ -101,6 +114,42 @@ class Settings(BaseSettings):
             raise ValueError("must be an http(s) URL")
         return v.rstrip("/")
 
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _database_url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        # Messages never quote the URL: it may hold the password.
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            raise ValueError("not a database URL (e.g. postgresql+psycopg://...)") from None
+        except ValueError:
+            raise ValueError("the port is not a number") from None
+        if url.get_backend_name() not in _DATABASE_DIALECTS:
+            raise ValueError(
+                "only sqlite:/// and postgresql+psycopg:// URLs are supported, not "
+                f"{url.get_backend_name()!r}"
+            )
+        _refuse_unencoded_at(url.host)
+        return v
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        try:
+            parts = urlsplit(v)
+            parts.port  # noqa: B018  (parses the port; a non-number raises)
+        except ValueError:
+            raise ValueError("the port is not a number") from None
+        if parts.scheme not in _REDIS_SCHEMES:
+            raise ValueError("must start with redis://, rediss:// (TLS) or unix://")
+        # (redis-py splits the authority at its last @: an unencoded @ in the password works.)
+        return v
+
     @field_validator("RECON_TIMEZONE")
     @classmethod
     def _known_zone(cls, v: str) -> str:
@@ -118,7 +167,12 @@ class Settings(BaseSettings):
             raise ValueError("must be HH:MM (24-hour)")
         return f"{int(m.group(1)):02d}:{m.group(2)}"
 
-    @field_validator("MIDAS_APPID", "MIDAS_OFFER_ID", "REDIS_URL", "RECON_WEB_AUTH_HEADER")
+    @field_validator("MIDAS_ALLOW_PLAIN_HTTP")
+    @classmethod
+    def _blank_is_no_reason(cls, v: str | None) -> str | None:
+        return v.strip() or None if v else None
+
+    @field_validator("MIDAS_APPID", "MIDAS_OFFER_ID", "RECON_WEB_AUTH_HEADER")
     @classmethod
     def _empty_is_unset(cls, v: str | None) -> str | None:
         return v or None
@@ -157,6 +211,13 @@ class Settings(BaseSettings):
 
         parse_checks(v)  # a ValueError names what is wrong; load_settings adds the variable
         return v
+
+    def __repr_args__(self) -> Any:
+        # SecretStr fields show as '**********'; the URLs' passwords are secrets too.
+        for name, value in super().__repr_args__():
+            if name in ("DATABASE_URL", "REDIS_URL") and isinstance(value, str):
+                value = mask_url_password(value)
+            yield name, value
 
     # -- derived values ---------------------------------------------------------------------
 
@@ -216,10 +277,27 @@ class Settings(BaseSettings):
         return needed
 
     def token_requirements(self) -> list[str]:
-        """A fixed access token, or what stable_token needs to fetch one."""
+        """A fixed access token, or what stable_token needs to fetch one (and, to share it
+        through Redis, the key that seals it there)."""
         if self.MIDAS_ACCESS_TOKEN is not None:
             return ["MIDAS_ACCESS_TOKEN"]
+        if self.REDIS_URL is not None:
+            return ["MIDAS_APPID", "MIDAS_APP_SECRET", "SESSION_KEY_ENCRYPTION_KEY"]
         return ["MIDAS_APPID", "MIDAS_APP_SECRET"]
+
+    @property
+    def midas_over_plain_http(self) -> bool:
+        return urlsplit(self.MIDAS_API_BASE).scheme == "http"
+
+    def refuse_plain_http(self) -> None:
+        """Production talks to Midas over TLS only, unless MIDAS_ALLOW_PLAIN_HTTP says why."""
+        plain = self.midas_over_plain_http
+        if plain and self.MIDAS_ENV == "production" and not self.MIDAS_ALLOW_PLAIN_HTTP:
+            raise ConfigError(
+                "MIDAS_API_BASE is http:// with MIDAS_ENV=production: the app secret and the "
+                "access token would travel unencrypted; use https://, or set "
+                "MIDAS_ALLOW_PLAIN_HTTP to the reason plain HTTP is safe here"
+            )
 
     def check_production_start(self) -> None:
         """In production a worker or beat refuses to start without the secrets its tasks will
@@ -228,8 +306,32 @@ class Settings(BaseSettings):
             return
         names = self.client_requirements() + self.token_requirements()
         if self.MIDAS_API_VERSION == "v2" or self.MIDAS_SEND_MP_SIG:
-            names.append("SESSION_KEY_ENCRYPTION_KEY")  # session keys are signed with
+            # Session keys are signed with: stored encrypted, and sent by the game sealed.
+            names += ["SESSION_KEY_ENCRYPTION_KEY", "SESSION_KEY_TRANSPORT_KEY"]
+        self.refuse_plain_http()
         self.require(*dict.fromkeys(names))
+
+
+def mask_url_password(url: str) -> str:
+    """`url` with its password (if any) replaced by ***, for messages and repr."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparsable URL>"
+    if not password:
+        return url
+    # Everything before the last @ of the authority is user:password, whatever it holds.
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user = userinfo.split(":", 1)[0]
+    return parts._replace(netloc=f"{user}:***@{host}").geturl()
+
+
+def _refuse_unencoded_at(host: str | None) -> None:
+    # `user:p@ss@host`: SQLAlchemy takes "ss@host" as the host, and the driver's connection
+    # error would then print the tail of the password.
+    if host and "@" in host:
+        raise ValueError("the password holds an unencoded @; write it as %40")
 
 
 def _url_password(url: str | None) -> str | None:
@@ -254,6 +356,8 @@ def _read_secret_files(environ: dict[str, str]) -> dict[str, str]:
             resolved[name] = Path(path).read_text(encoding="utf-8").strip()
         except OSError as exc:
             raise ConfigError(f"{name}_FILE cannot be read ({exc.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{name}_FILE is not UTF-8 text") from None
     return resolved
 
 
@@ -262,12 +366,15 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = _read_secret_files(dict(os.environ if environ is None else environ))
     known = {k: v for k, v in env.items() if k in Settings.model_fields}
     try:
-        return Settings(**known)  # type: ignore[arg-type]
+        settings = Settings(**known)  # type: ignore[arg-type]
     except ValidationError as exc:
         err = exc.errors()[0]
         name = str(err["loc"][0]) if err["loc"] else "configuration"
         # pydantic's message never includes the input when we only take `msg`.
-        raise ConfigError(f"{name}: {err['msg']}") from None
+        message = str(err["msg"]).removeprefix("Value error, ")
+        raise ConfigError(f"{name}: {message}") from None
+    settings.refuse_plain_http()
+    return settings
 
 
 @lru_cache(maxsize=1)

@@ -31,9 +31,11 @@ REDACTED = "[REDACTED]"
 
 # `access_token=...` in a URL or form, `"access_token": "..."` in JSON; same for the other
 # credential-bearing parameter names. Lower case only: config messages name the variables in
-# upper case (MIDAS_APP_SECRET: ...) and must stay readable.
+# upper case (MIDAS_APP_SECRET: ...) and must stay readable. A JSON literal is no credential
+# (`"with_session_key": true`), and replacing it would break the JSON line.
 _NAMED = re.compile(
-    r"""((?:access_token|secret|session_key)["']?\s*[=:]\s*["']?)(?!\[REDACTED\])([^&\s"',;})\]]+)"""
+    r"""((?:access_token|secret|session_key)["']?\s*[=:]\s*["']?)"""
+    r"""(?!\[REDACTED\])(?!(?:true|false|null)\b)([^&\s"',;})\]]+)"""
 )
 
 # Runtime secrets (tokens, session keys) are kept in a bounded registry: a long-running worker

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
+from celery.worker.request import Request
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker.business_calendar import FutureDate
@@ -36,6 +37,7 @@ from worker.db.session import session_scope
 from worker.recon import rechecks
 from worker.recon import runs as service
 from worker.recon.runs import Batch
+from worker.text import strip_controls
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +214,7 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
     """Plan the nightly run of the date the message stands for (beat puts it in the message;
     without one, the date of the latest scheduled start); a second start is a no-op."""
     day = dt.date.fromisoformat(business_date) if business_date is not None else None
-    if not isinstance(trigger, str) or not 0 < len(trigger) <= 32:
+    if not isinstance(trigger, str) or not 0 < len(trigger := strip_controls(trigger)) <= 32:
         raise ValueError("trigger must be a short name")
     rt = runtime()
     try:
@@ -315,20 +317,51 @@ def recheck(
     dispatch_batch(batch, "recheck", countdown=rechecks.RECHECK_DELAY_S)
 
 
-@project_task("record_login", retry_on=TRANSIENT)
+SESSION_KEY_ARG: Final = 2  # record_login(openid, zone_id, session_key, at)
+HIDDEN: Final = "<hidden>"
+
+
+class LoginRequest(Request):  # type: ignore[misc]  # celery is untyped
+    """`record_login` as Celery's "received"/"succeeded" log lines, task events and `inspect`
+    show it: openid, zone and time, never the session_key argument.
+
+    The game sends the key sealed (worker/intake.py), so this hides ciphertext only; it is for
+    a sender that sends a key in clear by mistake, which must not reach our log or events too.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        shown = list(self._args) if isinstance(self._args, list | tuple) else []
+        if len(shown) > SESSION_KEY_ARG:
+            shown[SESSION_KEY_ARG] = HIDDEN
+        named = dict(self._kwargs) if isinstance(self._kwargs, dict) else {}
+        if "session_key" in named:
+            named["session_key"] = HIDDEN
+        # Celery falls back to the real arguments when these are empty: they never are.
+        self._argsrepr = self._request_dict["argsrepr"] = repr(tuple(shown))
+        self._kwargsrepr = self._request_dict["kwargsrepr"] = repr(named)
+
+
+@project_task("record_login", retry_on=TRANSIENT, request=f"{__name__}:LoginRequest")
 def record_login(
     openid: str, zone_id: str = "1", session_key: str | None = None, at: str | None = None
 ) -> None:
-    """The game's login handler: remember the account, its activity and session key."""
-    from worker.db.crypto import SessionKeyCipher
+    """The game's login handler: remember the account, its activity and session key.
+
+    `session_key` is sealed with SESSION_KEY_TRANSPORT_KEY (worker.intake.seal_session_key).
+    """
+    from worker.db.crypto import TRANSPORT_VARIABLE, SessionKeyCipher
     from worker.recon.logins import LoginRejected
     from worker.recon.logins import record_login as record
 
     settings = get_settings()
-    cipher = SessionKeyCipher.from_settings(settings) if session_key else None
+    cipher = transport = None
+    if session_key:
+        cipher = SessionKeyCipher.from_settings(settings)
+        transport = SessionKeyCipher.from_settings(settings, TRANSPORT_VARIABLE)
     try:
         with session_scope(settings.DATABASE_URL) as session:
-            record(session, cipher, openid, zone_id, session_key, at)
+            record(session, cipher, openid, zone_id, session_key, at, transport=transport)
     except LoginRejected as exc:
         log.error("login_rejected", extra={"reason": str(exc)})
 

@@ -166,6 +166,17 @@ def test_accounts_rekey_rotates_and_reports_lost_keys(sqlite_url: str) -> None:
     assert result.stderr.startswith("midas-recon: 1 session keys open with no configured key")
     assert "account ids 4" in result.stderr
 
+    # The key is gone for good: drop what it made, the players' next logins bring new ones.
+    result = run(env, "accounts", "rekey", "--forget-lost")
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == (
+        "session keys: 0 re-encrypted, 3 already on the newest key, 1 lost keys forgotten\n"
+    )
+    with session_scope(sqlite_url) as session:
+        o9 = session.scalars(select(Account).where(Account.openid == "o9")).one()
+        assert o9.session_key_enc is None and o9.session_key_updated_at is None
+        assert session.scalar(select(func.count()).where(Account.session_key_enc.is_not(None))) == 3
+
 
 @pytest.mark.parametrize(
     "command",
@@ -184,3 +195,25 @@ def test_every_command_has_help(command: list[str]) -> None:
     result = run({}, *command, "--help")
     assert result.exit_code == 0
     assert "Usage: " in result.stdout and len(result.stdout.splitlines()) > 3
+
+
+@pytest.mark.parametrize(
+    ("content", "secret"),
+    [
+        (f"oHeaderless,1,{KEY},2024-11-24T10:00:00+08:00\n", KEY),  # the header row forgotten
+        ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n", "PRIVATE KEY"),
+        (f"openid,zone_id,{KEY}\n", KEY),
+    ],
+)
+def test_a_header_error_never_quotes_the_file(
+    sqlite_url: str, write_csv: WriteCsv, content: str, secret: str
+) -> None:
+    """The header check printed the cells of the first row: a session key (lowercased), or
+    the secret in a file imported by mistake."""
+    path = write_csv("accounts.csv", content)
+    result = run({"DATABASE_URL": sqlite_url}, "accounts", "import", str(path))
+    assert result.exit_code == 2
+    line = one_line_error(result)
+    assert "row 1: the header must be openid,zone_id,session_key,last_active_at" in line
+    assert secret.lower() not in line.lower() and "oheaderless" not in line.lower()
+    assert count(sqlite_url, Account) == 0

@@ -111,10 +111,19 @@ def test_each_bad_ledger_row_is_named_with_its_reason(
     ("header", "reason"),
     [
         ("bill_no,openid,zone_id,kind,amount\n", "missing occurred_at"),
-        ("bill_no,openid,zone_id,type,amount,occurred_at\n", "missing kind; unknown 'type'"),
-        ("bill_no,openid,zone_id,kind,amount,occurred_at,note\n", "unknown 'note'"),
+        (
+            "bill_no,openid,zone_id,type,amount,occurred_at\n",
+            "missing kind; unknown column name at position 4",
+        ),
+        (
+            "bill_no,openid,zone_id,kind,amount,occurred_at,note\n",
+            "unknown column name at position 7",
+        ),
         ("bill_no,bill_no,openid,zone_id,kind,amount,occurred_at\n", "a column is repeated"),
-        ("B1,o1,1,save,600,2026-11-24T10:00:00Z\n", "missing bill_no"),
+        (
+            "B1,o1,1,save,600,2026-11-24T10:00:00Z\n",
+            "no column name found; is the header row missing?",
+        ),
     ],
 )
 def test_a_wrong_header_is_row_1(write_csv: WriteCsv, header: str, reason: str) -> None:

@@ -46,6 +46,8 @@ def _run(
         "MIDAS_OFFER_ID": sim.config.offer_id,
         "MIDAS_APP_KEY": sim.config.app_key_sandbox,
         "MIDAS_TIMEOUT_S": "3",
+        # The simulator speaks plain HTTP; production refuses it without a reason.
+        "MIDAS_ALLOW_PLAIN_HTTP": "the test simulator on loopback",
     }
     base.pop("REDIS_URL", None)
     base.update(env)

@@ -76,6 +76,7 @@ def test_from_settings_uses_the_app_key_of_the_environment_and_the_settings() ->
             "MIDAS_API_BASE": "http://127.0.0.1:9",
             "MIDAS_API_VERSION": "v2",
             "MIDAS_ENV": "production",
+            "MIDAS_ALLOW_PLAIN_HTTP": "a test server on loopback",
             "MIDAS_OFFER_ID": "99",
             "MIDAS_APP_KEY": "prod-key-xyz",
             "MIDAS_ACCESS_TOKEN": "static-xyz",

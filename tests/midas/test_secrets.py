@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 import redis
+from cryptography.fernet import Fernet
 
 from tests.midas.fakes import NoLimiter
+from worker.db.crypto import SessionKeyCipher
 from worker.logs import JsonFormatter, RedactionFilter
 from worker.midas.client import MidasClient
 from worker.midas.errors import MidasError
@@ -95,6 +97,7 @@ def test_no_secret_on_any_error_path(
                 CONFIG.appid,
                 CONFIG.app_secret,
                 redis=redis.Redis.from_url(redis_url),
+                sealer=SessionKeyCipher([Fernet.generate_key().decode()]),
                 timeout_s=1.0,
             )
 

@@ -13,16 +13,21 @@ from typing import Any
 import pytest
 import redis
 import requests
+from cryptography.fernet import Fernet
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from tests.midas.fakes import ScriptedAdapter
 from worker.config import ConfigError, load_settings
+from worker.db.crypto import SessionKeyCipher
 from worker.midas.errors import ConfigurationError, MalformedResponse, MidasTimeout, RetryableError
 from worker.midas.token import StableTokenProvider, StaticToken, make_token_provider
 from worker.simulator import SimConfig, Simulator
 
 APPID, SECRET = "wxsim0000000000", "sim-app-secret"
+# Seals the token cached in Redis; fixed, so that the test's other processes share it.
+SEALER_KEY = "hA424ciJo0a25hWD-jkEtjEisONI9bBXBzcYNRmVbTk="
+SEALER = SessionKeyCipher([SEALER_KEY])
 
 
 def _provider(
@@ -32,7 +37,13 @@ def _provider(
     adapter = ScriptedAdapter(*steps)
     session.mount("http://tok.test", adapter)
     provider = StableTokenProvider(
-        "http://tok.test", APPID, SECRET, redis=redis_client, session=session, **kwargs
+        "http://tok.test",
+        APPID,
+        SECRET,
+        redis=redis_client,
+        sealer=SEALER if redis_client is not None else None,
+        session=session,
+        **kwargs,
     )
     return provider, adapter
 
@@ -59,7 +70,10 @@ def test_make_token_provider_choice(redis_url: str) -> None:
     stable = make_token_provider(load_settings(env))
     assert isinstance(stable, StableTokenProvider)
     assert type(stable._store).__name__ == "_MemoryStore"
-    shared = make_token_provider(load_settings({**env, "REDIS_URL": redis_url}))
+    with pytest.raises(ConfigError, match="SESSION_KEY_ENCRYPTION_KEY is not set; it seals"):
+        make_token_provider(load_settings({**env, "REDIS_URL": redis_url}))  # cannot seal it
+    sealing = {**env, "REDIS_URL": redis_url, "SESSION_KEY_ENCRYPTION_KEY": SEALER_KEY}
+    shared = make_token_provider(load_settings(sealing))
     assert type(shared._store).__name__ == "_RedisStore"  # type: ignore[union-attr]
     with pytest.raises(ConfigError, match="MIDAS_APP_SECRET"):
         make_token_provider(load_settings({"MIDAS_APPID": APPID}))
@@ -220,7 +234,9 @@ def sim() -> Iterator[Simulator]:
 
 
 def _sim_provider(sim: Simulator, redis_url: str) -> StableTokenProvider:
-    return StableTokenProvider(sim.base_url, APPID, SECRET, redis=redis.Redis.from_url(redis_url))
+    return StableTokenProvider(
+        sim.base_url, APPID, SECRET, redis=redis.Redis.from_url(redis_url), sealer=SEALER
+    )
 
 
 @pytest.mark.integration
@@ -240,7 +256,9 @@ def test_no_stampede_threads_of_several_providers(sim: Simulator, redis_url: str
 
 
 def _process_main(base_url: str, redis_url: str, start: Any, out: Any) -> None:
-    provider = StableTokenProvider(base_url, APPID, SECRET, redis=redis.Redis.from_url(redis_url))
+    provider = StableTokenProvider(
+        base_url, APPID, SECRET, redis=redis.Redis.from_url(redis_url), sealer=SEALER
+    )
     results: list[str] = []
     lock = threading.Lock()
 
@@ -316,7 +334,9 @@ def test_a_fresh_token_is_reused_in_process_until_invalidated(
         return real_get(*args, **kwargs)
 
     client.get = counting_get  # type: ignore[method-assign]
-    provider = StableTokenProvider(sim.base_url, APPID, SECRET, redis=client, local_reuse_s=30)
+    provider = StableTokenProvider(
+        sim.base_url, APPID, SECRET, redis=client, sealer=SEALER, local_reuse_s=30
+    )
     first = provider.get()
     after_first = reads
     assert all(provider.get() == first for _ in range(100))
@@ -324,7 +344,9 @@ def test_a_fresh_token_is_reused_in_process_until_invalidated(
     # Another process replaced the token (WeChat answered it 42001 there): ours is refused
     # too, invalidate() drops the local copy and the next get() reads the shared one.
     sim.expire_tokens()
-    other = StableTokenProvider(sim.base_url, APPID, SECRET, redis=redis.Redis.from_url(redis_url))
+    other = StableTokenProvider(
+        sim.base_url, APPID, SECRET, redis=redis.Redis.from_url(redis_url), sealer=SEALER
+    )
     other.invalidate(first)
     replaced = other.get()
     assert replaced != first
@@ -332,3 +354,20 @@ def test_a_fresh_token_is_reused_in_process_until_invalidated(
     provider.invalidate(first)
     assert provider.get() == replaced
     assert sim.stats()["token_calls"] == 2
+
+
+@pytest.mark.integration
+def test_the_token_cached_in_redis_is_sealed(sim: Simulator, redis_url: str) -> None:
+    """A reader of Redis (or of its append-only file) found the access token in clear."""
+    token = _sim_provider(sim, redis_url).get()
+    client = redis.Redis.from_url(redis_url)
+    stored = [client.get(k) or b"" for k in client.scan_iter() if client.type(k) == b"string"]
+    assert stored and not any(token.encode() in value for value in stored)
+    # A process with another key (one rotated out, say) cannot read it: it fetches its own.
+    other = SessionKeyCipher([Fernet.generate_key().decode()])
+    stranger = StableTokenProvider(sim.base_url, APPID, SECRET, redis=client, sealer=other)
+    assert stranger.get()
+    assert sim.stats()["token_calls"] == 2
+    # Without a sealing key a Redis cache is refused, never written in clear.
+    with pytest.raises(ConfigError, match="SESSION_KEY_ENCRYPTION_KEY"):
+        StableTokenProvider(sim.base_url, APPID, SECRET, redis=client)

@@ -125,6 +125,7 @@ def world_env(db_url: str, redis_url: str | None, base_url: str, **extra: str) -
         "RECON_CLOCK_SKEW_SECONDS": "1",
         "RECON_TIMEZONE": "Asia/Shanghai",
         "SESSION_KEY_ENCRYPTION_KEY": Fernet.generate_key().decode(),
+        "SESSION_KEY_TRANSPORT_KEY": Fernet.generate_key().decode(),
     }
     if redis_url is not None:
         env["REDIS_URL"] = redis_url
@@ -322,13 +323,15 @@ class Procs:
         self.env.update(env)
 
     def worker(
-        self, name: str, concurrency: int = 2, level: str = LOG_LEVEL
+        self, name: str, concurrency: int = 2, level: str = LOG_LEVEL, *, events: bool = False
     ) -> subprocess.Popen[bytes]:
         cmd = [
             CELERY, "-A", "worker", "worker", "--pool", "prefork",
             "--concurrency", str(concurrency), "-Q", "recheck,nightly", "-n", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", level,
         ]  # fmt: skip
+        if events:
+            cmd.append("-E")  # task events, as `celery events` and Flower see them
         return self._start(name, cmd)
 
     def beat(self) -> subprocess.Popen[bytes]:

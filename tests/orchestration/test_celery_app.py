@@ -6,6 +6,7 @@ from __future__ import annotations
 import datetime as dt
 import inspect
 import os
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,17 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from celery.schedules import crontab
+from cryptography.fernet import Fernet
 from kombu.utils.scheduling import cycle_by_name
 
 import worker.tasks  # noqa: F401  (registers the tasks)
 from worker import celery_app as ca
 from worker.config import load_settings
+from worker.db.accounts import AccountRow, upsert_accounts
+from worker.db.crypto import SessionKeyCipher
+from worker.db.session import session_scope
+
+NOW = dt.datetime(2026, 11, 24, 10, 0, tzinfo=dt.UTC)
 
 # The stable interface other systems send to (PRODUCT.md §3, §6; the team brief).
 INTERFACE = {
@@ -208,6 +215,7 @@ PRODUCTION = {
     "MIDAS_APP_KEY": "prod-appkey-4f1e9a2b7c",
     "MIDAS_APP_SECRET": "prod-secret-8d2c6b1e0f",
     "SESSION_KEY_ENCRYPTION_KEY": "Zm9vYmFyYmF6cXV4cXV1eGZvb2JhcmJhenF1eHF1dXg=",
+    "SESSION_KEY_TRANSPORT_KEY": "cXV1eHF1eGJhemJhcmZvb3F1dXhxdXhiYXpiYXJmb28=",
 }
 
 
@@ -217,6 +225,8 @@ PRODUCTION = {
         ({"MIDAS_APP_KEY": "changeme"}, "MIDAS_APP_KEY holds a placeholder value"),
         ({"MIDAS_APP_SECRET": ""}, "MIDAS_APP_SECRET is not set"),
         ({"SESSION_KEY_ENCRYPTION_KEY": "xxxx"}, "SESSION_KEY_ENCRYPTION_KEY holds a placeholder"),
+        ({"SESSION_KEY_TRANSPORT_KEY": ""}, "SESSION_KEY_TRANSPORT_KEY is not set"),
+        ({"MIDAS_API_BASE": "http://midas.internal"}, "MIDAS_API_BASE is http://"),
     ],
 )
 def test_production_worker_and_beat_refuse_to_start_without_their_secrets(
@@ -246,3 +256,47 @@ def test_production_settings_with_every_secret_pass_the_start_check() -> None:
     # the same settings in sandbox are not checked at start (a test or staging setup)
     sandbox = load_settings({**PRODUCTION, "MIDAS_ENV": "sandbox", "MIDAS_APP_KEY": ""})
     sandbox.check_production_start()
+
+
+def _celery(env: dict[str, str], *role: str) -> subprocess.CompletedProcess[str]:
+    celery = str(Path(sys.executable).with_name("celery"))
+    return subprocess.run(
+        [celery, "-A", "worker", *role, "-l", "WARNING"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_production_worker_refuses_a_key_that_opens_no_stored_session_key(
+    sqlite_url: str, redis_url: str
+) -> None:
+    """After a rekey and a different key configured, runs came out "unobservable" and clean:
+    the start check now opens one stored ciphertext."""
+    other = SessionKeyCipher([Fernet.generate_key().decode()])
+    with session_scope(sqlite_url) as session:
+        upsert_accounts(session, [AccountRow("o1", "1", NOW, other.encrypt("c2Vzc2lvbg=="), NOW)])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIDAS_", "RECON_"))}
+    env.update(PRODUCTION, DATABASE_URL=sqlite_url, REDIS_URL=redis_url)
+    done = _celery(env, "worker", "--pool", "solo")
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("midas-recon: SESSION_KEY_ENCRYPTION_KEY does not open the stored")
+    assert "Traceback" not in done.stderr
+
+
+def test_the_remote_control_allowlist_names_real_commands() -> None:
+    """A command renamed by a Celery upgrade would silently vanish from the allowlist."""
+    from celery.worker.control import Panel
+
+    assert set(Panel.data) >= ca.REMOTE_CONTROL_ALLOWED
+
+
+def test_a_rediss_broker_verifies_certificates() -> None:
+    assert ca.broker_tls("redis://h:6379/0") is None and ca.broker_tls(None) is None
+    assert ca.broker_tls("rediss://:pw@h:6380/0") == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    with_ca = ca.broker_tls("rediss://h:6380/0?ssl_ca_certs=/etc/redis/ca.pem")
+    assert with_ca == {"ssl_cert_reqs": ssl.CERT_REQUIRED, "ssl_ca_certs": "/etc/redis/ca.pem"}
+    app = ca.make_app(load_settings({"REDIS_URL": "rediss://:pw@h:6380/0"}))
+    assert app.conf.broker_use_ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}

@@ -17,6 +17,7 @@ from tests.orchestration.test_nightly import GETBALANCE, MIDAS_RECON, done_items
 from worker.celery_app import make_app
 from worker.db.models import Account, LedgerEntry, MismatchCase, Run, RunItem
 from worker.db.session import session_scope
+from worker.intake import seal_session_key
 from worker.recon import rechecks
 from worker.recon.runs import Batch, pump, start_nightly
 from worker.simulator import Simulator
@@ -95,9 +96,10 @@ def test_a_burst_of_payments_makes_one_fetch(
     assert run.trigger == "ledger" and run.status == "complete"
 
     # A login from the game's login handler: the account is known, its key stored encrypted.
+    sealed = seal_session_key("c2Vzc2lvbmtleQ==", world.env["SESSION_KEY_TRANSPORT_KEY"])
     sender.send_task(
         "midas_recon.record_login",
-        kwargs={"openid": "newcomer", "zone_id": "1", "session_key": "c2Vzc2lvbmtleQ=="},
+        kwargs={"openid": "newcomer", "zone_id": "1", "session_key": sealed},
     )
     stored = wait_for(lambda: _session_key_enc(world.url, "newcomer"), 15, "the login")
     assert "c2Vzc2lvbmtleQ" not in stored

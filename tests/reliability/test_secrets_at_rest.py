@@ -66,6 +66,7 @@ def production_env(tmp_path_db: str, **change: str) -> dict[str, str]:
         "MIDAS_ENV": "production",
         "MIDAS_API_VERSION": "v2",
         "MIDAS_API_BASE": "http://127.0.0.1:9",
+        "MIDAS_ALLOW_PLAIN_HTTP": "nothing listens there; the run stops at its settings",
         "MIDAS_APPID": "wx0123456789abcdef",
         "MIDAS_APP_SECRET": APP_SECRET,
         "MIDAS_OFFER_ID": "1450000000",

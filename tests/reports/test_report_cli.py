@@ -15,6 +15,8 @@ from click.testing import CliRunner, Result
 
 from tests.reports.conftest import EXPECTED
 from worker.cli.base import cli
+from worker.db.models import Run
+from worker.db.session import session_scope
 from worker.reports.render import SECTIONS
 from worker.reports.statement import FIGURE_FIELDS
 
@@ -245,6 +247,24 @@ def test_bad_date_is_a_usage_error(monkeypatch: pytest.MonkeyPatch, sqlite_url: 
     monkeypatch.setenv("DATABASE_URL", sqlite_url)
     result = CliRunner().invoke(cli, ["report", "daily", "--date", "20/11/2026"])
     assert result.exit_code == 2 and "is not a date (YYYY-MM-DD)" in result.stderr
+
+
+@pytest.mark.parametrize("day", ["0001-01-01", "9999-12-31"])
+def test_a_date_out_of_the_calendar_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, sqlite_url: str, day: str
+) -> None:
+    """A run dated year 1 made the statement look for the day before: OverflowError."""
+    with session_scope(sqlite_url) as session:
+        session.add(
+            Run(business_date=dt.date.fromisoformat(day), kind="nightly", trigger="cli",
+                status="complete", api_version="v1")
+        )  # fmt: skip
+    monkeypatch.setenv("DATABASE_URL", sqlite_url)
+    result = CliRunner().invoke(cli, ["report", "daily", "--date", day])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        f"midas-recon: --date must be between 2000-01-01 and 2999-12-31, got {day}"
+    )
 
 
 def test_unmigrated_database_is_one_clear_line(

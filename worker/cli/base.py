@@ -18,6 +18,7 @@ import click
 from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from worker.config import ConfigError, Settings, get_settings
+from worker.logs import redact, register_settings_secrets
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -33,16 +34,20 @@ class JobFailed(Exception):
 
 
 def fail(message: str, code: int) -> NoReturn:
-    click.echo(f"midas-recon: {message}", err=True)
+    # Through redaction like every log line: a driver's or a library's text may quote a
+    # password, a token or a key the project never put there itself.
+    click.echo(f"midas-recon: {redact(message)}", err=True)
     sys.exit(code)
 
 
 def settings() -> Settings:
-    """The settings, or exit 2 with the one-line reason."""
+    """The settings (their secrets registered for redaction), or exit 2 with the reason."""
     try:
-        return get_settings()
+        loaded = get_settings()
     except ConfigError as exc:
         fail(str(exc), EXIT_USAGE)
+    register_settings_secrets(loaded)
+    return loaded
 
 
 def handle_errors(fn: F) -> F:

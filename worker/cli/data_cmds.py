@@ -128,13 +128,21 @@ def accounts_import(file: Path) -> None:
     type=click.IntRange(1, 100_000),
     help="Accounts per transaction.",
 )
+@click.option(
+    "--forget-lost",
+    is_flag=True,
+    help="Drop the session keys no configured key opens (their key is lost for good): those "
+    "accounts wait for their players' next login instead of failing every run.",
+)
 @handle_errors
-def accounts_rekey(batch_size: int) -> None:
+def accounts_rekey(batch_size: int, forget_lost: bool) -> None:
     """Re-encrypt every stored session key with the newest SESSION_KEY_ENCRYPTION_KEY.
 
     To rotate: put the new key first in SESSION_KEY_ENCRYPTION_KEY (new,old), run this, then
     remove the old key. Safe to interrupt and run again. Exits 1 if some keys open with none
-    of the configured keys (their account ids are listed; the keys are left as they are).
+    of the configured keys (their account ids are listed; the keys are left as they are,
+    unless --forget-lost). Runs count such accounts as errors, and a production worker refuses
+    to start while the newest stored key does not open.
     """
     from worker.db.accounts import rekey_session_keys
     from worker.db.crypto import SessionKeyCipher
@@ -142,25 +150,32 @@ def accounts_rekey(batch_size: int) -> None:
 
     cfg = settings()
     cipher = SessionKeyCipher.from_settings(cfg)
-    last_id = rekeyed = current = 0
+    last_id = rekeyed = current = forgotten = 0
     undecryptable: list[int] = []
     with database_errors():
         while True:
             with session_scope(cfg.DATABASE_URL) as session:
-                batch = rekey_session_keys(session, cipher, after_id=last_id, limit=batch_size)
+                batch = rekey_session_keys(
+                    session, cipher, after_id=last_id, limit=batch_size, forget_lost=forget_lost
+                )
             last_id = batch.last_id
             rekeyed += batch.rekeyed
             current += batch.current
+            forgotten += batch.forgotten
             undecryptable.extend(batch.undecryptable)
             if batch.finished:
                 break
-    click.echo(f"session keys: {rekeyed} re-encrypted, {current} already on the newest key")
+    dropped = f", {forgotten} lost keys forgotten" if forget_lost else ""
+    click.echo(
+        f"session keys: {rekeyed} re-encrypted, {current} already on the newest key{dropped}"
+    )
     if undecryptable:
         shown = ", ".join(str(i) for i in undecryptable[:20])
         more = f" and {len(undecryptable) - 20} more" if len(undecryptable) > 20 else ""
         raise JobFailed(
             f"{len(undecryptable)} session keys open with no configured key (account ids "
-            f"{shown}{more}); add the key that made them to SESSION_KEY_ENCRYPTION_KEY"
+            f"{shown}{more}); add the key that made them to SESSION_KEY_ENCRYPTION_KEY, or "
+            "drop them with --forget-lost"
         )
 
 

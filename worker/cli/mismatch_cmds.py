@@ -18,6 +18,7 @@ import click
 
 from worker.cli.base import UsageError, cli, database_errors, handle_errors, parse_date, settings
 from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, MismatchCase, MismatchEvent
+from worker.text import spreadsheet_cell
 
 # The JSON/CSV columns of PRODUCT.md §7, in this order.
 FIELDS = (
@@ -291,7 +292,9 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(FIELDS)
     for row in rows:
-        writer.writerow(["" if row[f] is None else _jsonable(row[f]) for f in FIELDS])
+        writer.writerow(
+            ["" if row[f] is None else spreadsheet_cell(_jsonable(row[f])) for f in FIELDS]
+        )
     return out.getvalue()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import tempfile
 from pathlib import Path
@@ -65,6 +66,10 @@ def daily(date_text: str | None, zone_id: str | None, fmt: str, output: Path | N
     cfg = settings()
     calendar = cfg.calendar
     business_date = parse_date(date_text) if date_text else calendar.today()
+    if not FIRST_DATE <= business_date <= LAST_DATE:
+        raise UsageError(
+            f"--date must be between {FIRST_DATE} and {LAST_DATE}, got {business_date}"
+        )
     try:
         with session_scope(cfg.DATABASE_URL) as session:
             statement = build_statement(session, business_date, calendar=calendar, zone_id=zone_id)
@@ -123,6 +128,11 @@ def demo(players: int, output_dir: Path | None, seed: int) -> None:
     click.echo(result.summary())
     if not result.as_planted:
         raise JobFailed("the demo found something other than what it planted (summary above)")
+
+
+# A statement reads the day before and the 30 days before its date; dates near year 1 or
+# 9999 overflow Python's calendar, and no Midas data is that old (or that far ahead).
+FIRST_DATE, LAST_DATE = dt.date(2000, 1, 1), dt.date(2999, 12, 31)
 
 
 def write_atomically(path: Path, text: str) -> None:

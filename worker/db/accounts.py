@@ -18,12 +18,14 @@ from itertools import islice
 from typing import Any, cast
 
 from sqlalchemy import Table, and_, bindparam, case, or_, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from worker import business_calendar as clock
+from worker.config import ConfigError, Settings
 from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
 from worker.db.models import Account
-from worker.db.session import dialect_insert
+from worker.db.session import dialect_insert, session_scope
 
 BATCH_SIZE = 2000
 
@@ -137,15 +139,23 @@ class RekeyBatch:
     current: int
     undecryptable: list[int]  # account ids whose key no configured key opens
     finished: bool
+    forgotten: int = 0  # undecryptable keys dropped (forget_lost)
 
 
 def rekey_session_keys(
-    session: Session, cipher: SessionKeyCipher, *, after_id: int = 0, limit: int = 1000
+    session: Session,
+    cipher: SessionKeyCipher,
+    *,
+    after_id: int = 0,
+    limit: int = 1000,
+    forget_lost: bool = False,
 ) -> RekeyBatch:
     """Re-encrypt with the newest key the stored session keys of accounts with id > after_id.
 
     Call it repeatedly (one transaction each) until `finished`, so that a rotation over
-    millions of accounts never holds row locks for long.
+    millions of accounts never holds row locks for long. `forget_lost` drops the keys no
+    configured key opens (the key that made them is gone for good): those accounts are
+    fetched without a key until their players log in again, instead of as errors.
     """
     rows = session.execute(
         select(_accounts.c.id, _accounts.c.session_key_enc)
@@ -164,21 +174,61 @@ def rekey_session_keys(
             changes.append({"b_id": account_id, "b_old": token, "b_new": cipher.rotate(token)})
         except UndecryptableSessionKey:
             undecryptable.append(account_id)
+    # Compare-and-set on the old ciphertext: a login that stored a new key meanwhile wins.
+    same_key = and_(
+        _accounts.c.id == bindparam("b_id"), _accounts.c.session_key_enc == bindparam("b_old")
+    )
     if changes:
-        # Compare-and-set on the old ciphertext: a login that stored a new key meanwhile wins.
+        session.execute(
+            update(_accounts).where(same_key).values(session_key_enc=bindparam("b_new")),
+            changes,
+        )
+    gone = set(undecryptable) if forget_lost else set()
+    lost = {account_id: token for account_id, token in rows if account_id in gone}
+    if lost:
         session.execute(
             update(_accounts)
-            .where(
-                _accounts.c.id == bindparam("b_id"),
-                _accounts.c.session_key_enc == bindparam("b_old"),
-            )
-            .values(session_key_enc=bindparam("b_new")),
-            changes,
+            .where(same_key)
+            .values(session_key_enc=None, session_key_updated_at=None),
+            [{"b_id": a, "b_old": t} for a, t in lost.items()],
         )
     return RekeyBatch(
         last_id=rows[-1][0] if rows else after_id,
         rekeyed=len(changes),
         current=current,
-        undecryptable=undecryptable,
+        undecryptable=[] if forget_lost else undecryptable,
         finished=len(rows) < limit,
+        forgotten=len(lost),
     )
+
+
+def check_a_stored_key_opens(settings: Settings) -> None:
+    """ConfigError when the session key of the newest account with one opens with no
+    SESSION_KEY_ENCRYPTION_KEY.
+
+    For the production start check: with a wrong key every account would be an error. A
+    database not reachable (or not migrated) yet is the tasks' business: they retry, and
+    `midas-recon db upgrade` says what is wrong.
+    """
+    if settings.SESSION_KEY_ENCRYPTION_KEY is None:
+        return
+    cipher = SessionKeyCipher.from_settings(settings)
+    try:
+        with session_scope(settings.DATABASE_URL) as session:
+            stored = session.scalar(
+                select(_accounts.c.session_key_enc)
+                .where(_accounts.c.session_key_enc.is_not(None))
+                .order_by(_accounts.c.id.desc())
+                .limit(1)
+            )
+    except SQLAlchemyError:
+        return
+    if stored is None:
+        return
+    try:
+        cipher.decrypt(stored)
+    except UndecryptableSessionKey:
+        raise ConfigError(
+            "SESSION_KEY_ENCRYPTION_KEY does not open the stored session keys; list the key "
+            "that encrypted them (new,old) and run `midas-recon accounts rekey`"
+        ) from None

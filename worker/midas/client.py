@@ -141,6 +141,7 @@ class MidasClient:
         redis: redis_lib.Redis | None = None,
     ) -> MidasClient:
         """The client for the configured app; ConfigError (one line) when settings are missing."""
+        settings.refuse_plain_http()
         settings.require(*settings.client_requirements())
         assert settings.MIDAS_OFFER_ID is not None and settings.MIDAS_APP_KEY is not None
         register_settings_secrets(settings)

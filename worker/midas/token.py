@@ -1,9 +1,10 @@
 """Access tokens (API.md §4): a static one from a central service, or `stable_token`.
 
 `stable_token` returns the same token until 5 minutes before it expires, so every process can
-share one: it is cached in Redis (in memory without Redis) and refreshed ahead of expiry by one
-process at a time. `force_refresh` is never sent: it revokes the token every other process is
-using and is limited to 20 calls a day.
+share one: it is cached in Redis (in memory without Redis), sealed with
+SESSION_KEY_ENCRYPTION_KEY so that a reader of Redis (or of its disk) cannot use it, and
+refreshed ahead of expiry by one process at a time. `force_refresh` is never sent: it revokes
+the token every other process is using and is limited to 20 calls a day.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     import redis as redis_lib
 
     from worker.config import Settings
+    from worker.db.crypto import SessionKeyCipher
 
 log = logging.getLogger(__name__)
 
@@ -151,10 +153,13 @@ return 0
 
 
 class _RedisStore:
-    """Every process: the token and its expiry live in Redis (the Redis clock decides)."""
+    """Every process: the token (sealed) and its expiry live in Redis (the Redis clock decides)."""
 
-    def __init__(self, client: redis_lib.Redis, key: str, lock_ttl_s: float) -> None:
+    def __init__(
+        self, client: redis_lib.Redis, key: str, lock_ttl_s: float, sealer: SessionKeyCipher
+    ) -> None:
         self._redis = client
+        self._sealer = sealer
         self._key = key
         self._lock_key = f"{key}:lock"
         self._lock_ttl_ms = max(1000, int(lock_ttl_s * 1000))
@@ -167,16 +172,19 @@ class _RedisStore:
         raw, pttl = pipe.execute()
         if raw is None or pttl is None or pttl <= 0:
             return None
+        from worker.db.crypto import UndecryptableSessionKey
+
         try:
-            value = json.loads(raw)
+            value = json.loads(self._sealer.decrypt(raw.decode("ascii")))
             return _Cached(str(value["token"]), pttl / 1000.0, float(value["ahead_s"]))
-        except (ValueError, KeyError, TypeError):
-            return None  # an unreadable entry (another version wrote it): fetch a new one
+        except (ValueError, KeyError, TypeError, UndecryptableSessionKey):
+            # Unreadable (another version wrote it, or a key since rotated out): fetch anew.
+            return None
 
     def write(self, token: str, ttl_s: float, refresh_ahead_s: float) -> None:
-        # The token is a credential. Keeping it in Redis is accepted: Redis is the fleet's
-        # trusted broker and must be reachable by workers only; the key expires with the token.
-        value = json.dumps({"token": token, "ahead_s": refresh_ahead_s})
+        # The token is a credential: sealed, a reader of Redis or of its append-only file
+        # cannot call Midas with it. The key expires with the token.
+        value = self._sealer.encrypt(json.dumps({"token": token, "ahead_s": refresh_ahead_s}))
         self._redis.set(self._key, value, px=max(1, int(ttl_s * 1000)))
 
     def try_lock(self) -> str | None:
@@ -202,6 +210,7 @@ class StableTokenProvider:
         app_secret: str,
         *,
         redis: redis_lib.Redis | None = None,
+        sealer: SessionKeyCipher | None = None,
         session: requests.Session | None = None,
         timeout_s: float = 5.0,
         refresh_ahead_s: float = REFRESH_AHEAD_S,
@@ -226,10 +235,12 @@ class StableTokenProvider:
         self._store: _Store
         if redis is None:
             self._store = _MemoryStore()
+        elif sealer is None:
+            raise ConfigError("SESSION_KEY_ENCRYPTION_KEY is needed to seal the token in Redis")
         else:
             # One cache per (API base, appid): a staging simulator's tokens never reach prod.
             scope = hashlib.sha256(f"{self._url}|{appid}".encode()).hexdigest()[:12]
-            self._store = _RedisStore(redis, f"{key_prefix}:{appid}:{scope}", lock_ttl_s)
+            self._store = _RedisStore(redis, f"{key_prefix}:{appid}:{scope}", lock_ttl_s, sealer)
 
     def __repr__(self) -> str:
         return f"StableTokenProvider(appid={self._appid!r})"
@@ -398,7 +409,15 @@ def _read_token_answer(resp: requests.Response) -> tuple[str, int]:
 def make_token_provider(
     settings: Settings, redis: redis_lib.Redis | None = None
 ) -> StaticToken | StableTokenProvider:
-    """MIDAS_ACCESS_TOKEN when set; else stable_token, cached in Redis when REDIS_URL is set."""
+    """MIDAS_ACCESS_TOKEN when set; else stable_token, cached in Redis (sealed with
+    SESSION_KEY_ENCRYPTION_KEY) when REDIS_URL is set."""
+    settings.refuse_plain_http()
+    sharing = settings.MIDAS_ACCESS_TOKEN is None and settings.REDIS_URL is not None
+    if sharing and settings.SESSION_KEY_ENCRYPTION_KEY is None:  # the general message, and why
+        raise ConfigError(
+            "SESSION_KEY_ENCRYPTION_KEY is not set; it seals the access token the workers "
+            "share through Redis"
+        )
     settings.require(*settings.token_requirements())
     if settings.MIDAS_ACCESS_TOKEN is not None:
         return StaticToken(settings.MIDAS_ACCESS_TOKEN.get_secret_value())
@@ -409,10 +428,13 @@ def make_token_provider(
         redis = redis_module.Redis.from_url(
             settings.REDIS_URL, socket_timeout=10.0, socket_connect_timeout=5.0
         )
+    from worker.db.crypto import SessionKeyCipher
+
     return StableTokenProvider(
         settings.MIDAS_API_BASE,
         settings.MIDAS_APPID,
         settings.MIDAS_APP_SECRET.get_secret_value(),
         redis=redis,
+        sealer=SessionKeyCipher.from_settings(settings) if redis is not None else None,
         timeout_s=settings.MIDAS_TIMEOUT_S,
     )

@@ -38,6 +38,7 @@ from worker.db.models import OPEN_CASE_STATUSES, BalanceSnapshot, MismatchCase
 from worker.metrics import CASE_TRANSITIONS
 from worker.midas.types import COUNTER_FIELDS
 from worker.recon.rules import Check, Difference, evaluate
+from worker.text import strip_controls
 
 SYSTEM = "system"
 OPERATOR_PREFIX = "operator:"
@@ -394,12 +395,12 @@ def _lock(session: Session, case_id: int) -> MismatchCase:
 
 def _operator_input(note: str, actor: str) -> tuple[str, str]:
     """The stripped note and the event's actor, or CaseError saying which is wrong."""
-    note = note.strip()
+    note = strip_controls(note).strip()
     if not note:
         raise CaseError("a note is required: say why (e.g. the ticket or the finding)")
     if len(note) > MAX_NOTE:
         raise CaseError(f"the note is longer than {MAX_NOTE} characters")
-    name = actor.strip().removeprefix(OPERATOR_PREFIX)
+    name = strip_controls(actor).strip().removeprefix(OPERATOR_PREFIX)
     if not _OPERATOR_NAME.fullmatch(name):
         raise CaseError("the actor must be a name of 1 to 55 characters without spaces")
     return note, OPERATOR_PREFIX + name

@@ -8,6 +8,7 @@ of PRODUCT.md §6 lives here:
 - 45011 (QuotaPaused): the client already paused the whole fleet; the account is tried
   again after the pause, a bounded number of times;
 - no live session (AccountUnobservable): an `unobservable` snapshot, never zeros;
+- a stored session key that opens with no configured key: an `error` snapshot, no request;
 - a rejected request (bad parameters and the like): an `error` snapshot, no retry;
 - 90011 / 90017 / 45009 (RunStopper): every further call would fail too, so the batch stops
   starting fetches and reports the stopper; the account gets no snapshot (it is not at fault).
@@ -55,6 +56,9 @@ class FetchTarget:
     openid: str
     zone_id: str
     session_key: str | None = field(default=None, repr=False)
+    # Why the stored session key could not be used (it opens with no configured key): the
+    # account is an `error` without asking Midas.
+    key_error: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,10 @@ def fetch_one(
     wait: Callable[[float], object],
 ) -> FetchOutcome:
     """One account through the error policy. Raises RunStopper or _Stopped."""
+    if target.key_error is not None:
+        return FetchOutcome(
+            target, "error", clock.utcnow(), None, None, target.key_error[:ERRMSG_MAX], 0
+        )
     attempt = 0
     quota_waits = 0
     while True:

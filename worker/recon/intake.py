@@ -262,13 +262,18 @@ def _table(
         raise IntakeError(1, f"the file is empty; the first row must be the header {expected}")
     header_row, header = first
     names = [name.lower() for name in header]
+    # The header's cells are never quoted back: a file without a header has data there (a
+    # session key), and a secret imported by mistake would be printed. Positions suffice.
     problems = []
-    if missing := [c for c in required if c not in names]:
-        problems.append("missing " + ", ".join(missing))
-    if unknown := [n for n in names if n not in columns]:
-        problems.append("unknown " + ", ".join(_show(n) for n in unknown))
-    if len(set(names)) != len(names):
-        problems.append("a column is repeated")
+    if not set(names) & set(columns):
+        problems.append("no column name found; is the header row missing?")
+    else:
+        if missing := [c for c in required if c not in names]:
+            problems.append("missing " + ", ".join(missing))
+        if unknown := [str(i) for i, n in enumerate(names, start=1) if n not in columns]:
+            problems.append("unknown column name at position " + ", ".join(unknown))
+        if len(set(names)) != len(names):
+            problems.append("a column is repeated")
     if problems:
         raise IntakeError(header_row, f"the header must be {expected} ({'; '.join(problems)})")
     return _with_names(records, names)

@@ -461,9 +461,11 @@ def _target(deps: FetchDeps, item: repo.ItemToFetch) -> FetchTarget:
     if deps.cipher is not None and item.session_key_enc:
         try:
             key = deps.cipher.decrypt(item.session_key_enc)
-        except UndecryptableSessionKey:
-            # Fetched without one (unobservable for v2): a rotation dropped a key still in use.
+        except UndecryptableSessionKey as exc:
+            # An `error`, never "no session key": a wrong or rotated-out key must not pass
+            # for a clean run full of unobservable accounts.
             log.warning("session_key_undecryptable", extra={"account_id": item.account_id})
+            return FetchTarget(item.account_id, item.openid, item.zone_id, key_error=str(exc))
     return FetchTarget(item.account_id, item.openid, item.zone_id, key)
 
 

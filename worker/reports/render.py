@@ -19,6 +19,7 @@ from worker.reports.statement import (
     ZoneFigures,
     as_dict,
 )
+from worker.text import spreadsheet_cell
 
 FORMATS = ("table", "csv", "json", "html")
 
@@ -100,8 +101,6 @@ CSV_PREFIX = (
     "previous_run_id",
     "scope",
 )
-# A spreadsheet runs a text cell starting with one of these as a formula.
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def render(statement: Statement, fmt: str, trend: Trend | None = None) -> str:
@@ -214,7 +213,7 @@ def render_csv(statement: Statement) -> str:
     ]
     for scope, z in [*(("zone", z) for z in s.zones), ("total", s.total)]:
         values = ["" if (v := getattr(z, f)) is None else v for f in FIGURE_FIELDS]
-        writer.writerow([*prefix, scope, _cell_text(z.zone_id or ""), *values])
+        writer.writerow([*prefix, scope, spreadsheet_cell(z.zone_id or ""), *values])
     return buf.getvalue()
 
 
@@ -298,7 +297,3 @@ def _css_class(name: str, value: int | None) -> str:
     if name.startswith(("residual", "unexplained")) and value != 0:
         return "attention"
     return "figure"
-
-
-def _cell_text(text: str) -> str:
-    return "'" + text if text.startswith(_FORMULA_START) else text
