@@ -25,6 +25,8 @@ SECRET_VARIABLES = (
     "MIDAS_APP_KEY",
     "MIDAS_ACCESS_TOKEN",
     "SESSION_KEY_ENCRYPTION_KEY",
+    # Webhook URLs carry their bot's key (WeCom `?key=`, Feishu and Slack in the path).
+    "RECON_ALERT_WEBHOOKS",
 )
 
 # Shorter "secrets" are refused in production, and log redaction ignores shorter strings.
@@ -78,6 +80,14 @@ class Settings(BaseSettings):
 
     SESSION_KEY_ENCRYPTION_KEY: SecretStr | None = None
 
+    # Where alerts go (worker/alerts/targets.py): `FORMAT=URL` entries, comma-separated.
+    RECON_ALERT_WEBHOOKS: SecretStr | None = None
+    # The operators' console, for links in alerts (e.g. https://recon.example.com); unset =
+    # no links.
+    RECON_WEB_BASE_URL: str | None = None
+    # An alert when the fleet was paused by 45011 more than this many times within an hour.
+    RECON_ALERT_PAUSE_STORM: int = Field(5, ge=1, le=1000)
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def]
         # `load_settings` reads the environment itself (to resolve `_FILE` twins), so only the
@@ -107,6 +117,25 @@ class Settings(BaseSettings):
         if not m:
             raise ValueError("must be HH:MM (24-hour)")
         return f"{int(m.group(1)):02d}:{m.group(2)}"
+
+    @field_validator("RECON_WEB_BASE_URL")
+    @classmethod
+    def _web_base(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+    @field_validator("RECON_ALERT_WEBHOOKS")
+    @classmethod
+    def _webhooks_parse(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return None
+        from worker.alerts.targets import parse_targets  # a leaf module, no settings import
+
+        parse_targets(v.get_secret_value())  # its ValueError never quotes a URL
+        return v
 
     @field_validator("MIDAS_APPID", "MIDAS_OFFER_ID", "REDIS_URL")
     @classmethod
@@ -150,8 +179,15 @@ class Settings(BaseSettings):
         out: list[str] = []
         for name in SECRET_VARIABLES:
             value = getattr(self, name)
+            if name == "RECON_ALERT_WEBHOOKS":
+                continue  # below: each URL and each key inside it
             if value is not None and value.get_secret_value():
                 out.extend(v.strip() for v in value.get_secret_value().split(",") if v.strip())
+        if self.RECON_ALERT_WEBHOOKS is not None:
+            from worker.alerts.targets import parse_targets, secret_parts
+
+            for target in parse_targets(self.RECON_ALERT_WEBHOOKS.get_secret_value()):
+                out.extend(secret_parts(target.url))
         # Passwords inside the database and Redis URLs are credentials too.
         for url in (self.DATABASE_URL, self.REDIS_URL):
             password = _url_password(url)

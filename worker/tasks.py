@@ -235,6 +235,8 @@ def pump(run_id: int) -> None:
             size=service.batch_size(rt.settings),
             is_alive=claim_alive(run_id),
         )
+    if result.status != "running":
+        notify_run_closed(run_id)
     for batch in result.batches:
         dispatch_batch(batch, result.kind)
 
@@ -257,6 +259,7 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         # the variable, never a value) and resumes with `midas-recon run --date D`.
         with session_scope(rt.settings.DATABASE_URL) as session:
             service.fail_run(session, run_id, f"configuration: {exc}")
+        notify_run_closed(run_id)
         return
     with heartbeat(run_id, token):
         result = service.run_batch(
@@ -266,6 +269,8 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
             account_ids,
             token,
         )
+    if result.stopped is not None:
+        notify_run_closed(run_id)
     if result.kind is not None:
         request_pump(run_id)
     if result.confirm_due is not None:
@@ -351,3 +356,75 @@ def confirm_pass() -> None:
         )
     for batch in batches:
         dispatch_batch(batch, "confirm")
+
+
+# -- alerts (worker/alerts) ---------------------------------------------------------------------
+
+# Retries of one alert: 1, 2, 4 ... 60 s apart with jitter, about five minutes in all; then
+# the delivery is marked failed (`midas-recon alerts list`) and the Prometheus rules remain.
+ALERT_MAX_RETRIES: Final = 8
+
+
+class AlertNotDelivered(Exception):
+    """Some webhook did not take the alert yet; the task retries with backoff."""
+
+
+def notify_run_closed(run_id: int) -> None:
+    """A run just closed: record its alerts (failed, incomplete, cases confirmed) and send them.
+
+    Called after the run's transaction committed. Never raises: an alert must not cost the
+    run anything; the periodic check finds what this missed within a minute.
+    """
+    try:
+        rt = runtime()
+        from worker.alerts.service import raise_for_run
+
+        with session_scope(rt.settings.DATABASE_URL) as session:
+            new = raise_for_run(session, rt.settings, run_id)
+        for alert_id in new:
+            send_alert.apply_async(args=(alert_id,))
+    except Exception:  # logged and left to the periodic check
+        log.warning("alert_hook_failed", extra={"run_id": run_id}, exc_info=True)
+
+
+@project_task("send_alert", retry_on=(AlertNotDelivered,), max_retries=ALERT_MAX_RETRIES)
+def send_alert(alert_id: int) -> None:
+    """Deliver one recorded alert to every webhook that has not taken it yet."""
+    from celery import current_task
+
+    from worker.alerts.service import deliver, give_up, targets
+
+    alert_id = _run_id(alert_id)
+    settings = get_settings()
+    to = targets(settings)
+    if not to:
+        return
+
+    def db() -> Any:
+        return session_scope(settings.DATABASE_URL)
+
+    failed = deliver(db, alert_id, to, now=lambda: dt.datetime.now(dt.UTC))
+    if not failed:
+        return
+    if current_task.request.retries >= ALERT_MAX_RETRIES:
+        give_up(db, alert_id, failed, now=dt.datetime.now(dt.UTC))
+        return
+    raise AlertNotDelivered(f"alert {alert_id}: {len(failed)} target(s) to retry")
+
+
+@project_task("check_alerts")
+def check_alerts() -> None:
+    """Record the alerts the current state calls for, send the new ones, refresh the gauges."""
+    from worker.alerts import service as alerts
+    from worker.midas.limiter import fleet_pauses_since
+
+    rt = runtime()
+    now = dt.datetime.now(dt.UTC)
+    pauses = fleet_pauses_since(rt.redis, now.timestamp() - 3600)
+    with session_scope(rt.settings.DATABASE_URL) as session:
+        new = alerts.record(
+            session, alerts.due_alerts(session, rt.settings, now, pauses_last_hour=pauses)
+        )
+        alerts.refresh_gauges(session, rt.settings, pauses_last_hour=pauses)
+    for alert_id in new:
+        send_alert.apply_async(args=(alert_id,))
