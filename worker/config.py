@@ -10,11 +10,11 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
-from urllib.parse import unquote, urlsplit
+from typing import Any, Literal
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.business_calendar import BusinessCalendar
@@ -27,6 +27,10 @@ SECRET_VARIABLES = (
     "SESSION_KEY_ENCRYPTION_KEY",
     # Webhook URLs carry their bot's key (WeCom `?key=`, Feishu and Slack in the path).
     "RECON_ALERT_WEBHOOKS",
+    # Passwords put into DATABASE_URL / REDIS_URL at load time, so that the URLs can stay in
+    # plain configuration and the passwords in secret files (docker compose `secrets:`).
+    "DATABASE_PASSWORD",
+    "REDIS_PASSWORD",
 )
 
 # Shorter "secrets" are refused in production, and log redaction ignores shorter strings.
@@ -45,6 +49,8 @@ class Settings(BaseSettings):
 
     DATABASE_URL: str = "sqlite:///midas_recon.db"
     REDIS_URL: str | None = None
+    DATABASE_PASSWORD: SecretStr | None = None
+    REDIS_PASSWORD: SecretStr | None = None
 
     MIDAS_API_BASE: str = "https://api.weixin.qq.com"
     MIDAS_API_VERSION: Literal["v1", "v2"] = "v1"
@@ -93,6 +99,27 @@ class Settings(BaseSettings):
         # `load_settings` reads the environment itself (to resolve `_FILE` twins), so only the
         # values it passes count; this keeps tests that pass their own environ hermetic.
         return (init_settings,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _passwords_into_urls(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for url_name, password_name in (
+            ("DATABASE_URL", "DATABASE_PASSWORD"),
+            ("REDIS_URL", "REDIS_PASSWORD"),
+        ):
+            url, password = data.get(url_name), data.get(password_name)
+            if isinstance(password, SecretStr):
+                password = password.get_secret_value()
+            if not url or not isinstance(password, str) or not password.strip():
+                continue
+            if not urlsplit(url).hostname:  # SQLite: a file, no password to give
+                continue
+            if _url_password(url):
+                raise ValueError(f"{url_name} has a password and {password_name} is set; use one")
+            data = {**data, url_name: _with_password(url, password.strip())}
+        return data
 
     @field_validator("MIDAS_API_BASE")
     @classmethod
@@ -241,6 +268,14 @@ def _url_password(url: str | None) -> str | None:
         return unquote(urlsplit(url).password or "") or None
     except ValueError:  # an unparsable URL fails elsewhere, with the variable's name
         return None
+
+
+def _with_password(url: str, password: str) -> str:
+    """`url` with `password` in its user info (URL-encoded; the user name kept)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    user = quote(unquote(parts.username or ""), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def _read_secret_files(environ: dict[str, str]) -> dict[str, str]:
