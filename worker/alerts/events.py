@@ -101,6 +101,7 @@ class ClosedRun:
     unobservable: int
     error: int
     failure_reason: str | None
+    finished_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -132,13 +133,20 @@ def run_closed(run: ClosedRun, web_base: str | None) -> Alert | None:
     coverage = f"{run.ok} ok, {run.unobservable} unobservable, {run.error} errors of {run.planned}"
     if run.status == "failed":
         code = stop_code(run.failure_reason)
+        # A nightly is one per date: one alert each. Recheck and confirm runs come by the
+        # hundred while Midas refuses (every payment makes one): one alert per kind, cause and
+        # hour, or a 90011 would flood the channel.
+        key = f"run:{run.id}:failed"
+        if run.kind != "nightly":
+            hour = (run.finished_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+            key = f"runs:{run.kind}:failed:{code or 'other'}:{hour:%Y-%m-%dT%H}"
         reason = run.failure_reason or "no reason recorded"
         lines = [f"Reason: {reason}", f"So far: {coverage}"]
         if code is not None:
             lines.append(f"What to do: {STOP_CODES[code]}, then `midas-recon run --date D`.")
             return Alert(
                 AlertKind.RUN_STOPPED,
-                f"run:{run.id}:failed",
+                key,
                 Severity.CRITICAL,
                 f"Midas errcode {code} stopped the {what}",
                 tuple(lines),
@@ -148,7 +156,7 @@ def run_closed(run: ClosedRun, web_base: str | None) -> Alert | None:
         lines.append("What to do: fix the cause, then `midas-recon run --date D` resumes it.")
         return Alert(
             AlertKind.RUN_FAILED,
-            f"run:{run.id}:failed",
+            key,
             Severity.CRITICAL,
             f"The {what} failed",
             tuple(lines),

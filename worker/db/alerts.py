@@ -149,6 +149,7 @@ def closed_runs(session: Session, since: dt.datetime) -> list[ClosedRun]:
             Run.unobservable,
             Run.error,
             Run.failure_reason,
+            Run.finished_at,
         )
         .where(Run.status.in_(("failed", "incomplete")), Run.finished_at >= since)
         .order_by(Run.id)
@@ -168,6 +169,7 @@ def closed_run(session: Session, run_id: int) -> ClosedRun | None:
             Run.unobservable,
             Run.error,
             Run.failure_reason,
+            Run.finished_at,
         ).where(Run.id == run_id)
     ).one_or_none()
     return ClosedRun(*row) if row is not None else None
