@@ -154,7 +154,7 @@ def closed_runs(session: Session, since: dt.datetime) -> list[ClosedRun]:
         .where(Run.status.in_(("failed", "incomplete")), Run.finished_at >= since)
         .order_by(Run.id)
     ).all()
-    return [ClosedRun(*row) for row in rows]
+    return [ClosedRun(**row._asdict()) for row in rows]
 
 
 def closed_run(session: Session, run_id: int) -> ClosedRun | None:
@@ -172,7 +172,7 @@ def closed_run(session: Session, run_id: int) -> ClosedRun | None:
             Run.finished_at,
         ).where(Run.id == run_id)
     ).one_or_none()
-    return ClosedRun(*row) if row is not None else None
+    return ClosedRun(**row._asdict()) if row is not None else None
 
 
 def confirmed_by_closed_runs(
