@@ -313,10 +313,18 @@ def test_a_receiver_that_never_answers_is_given_up_and_listed(
 def test_alerts_test_command_sends_to_every_webhook(
     env: dict[str, str], receiver: Receiver, log_lines: io.StringIO
 ) -> None:
+    from prometheus_client import REGISTRY
+
     from worker.cli.base import cli
 
+    def actions() -> float:
+        value = REGISTRY.get_sample_value("recon_operator_actions_total", {"action": "alerts_test"})
+        return value or 0.0
+
+    before = actions()
     out = CliRunner().invoke(cli, ["alerts", "test"])
     assert out.exit_code == 0, out.output
+    assert actions() == before + 1  # an operator action, counted
     for prefix in PREFIX.values():
         assert len(receiver.ok(prefix)) == 1
     assert out.output.count(": sent") == 4
@@ -334,3 +342,19 @@ def assert_no_key(text: str) -> None:
     for fmt, key in KEYS.items():
         assert key not in text, f"the {fmt} webhook key leaked"
     assert "127.0.0.1:" not in text or "/hook/" not in text
+
+
+def test_alerts_check_command_for_cron_and_embedded_mode(
+    env: dict[str, str], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker.cli.base import cli
+
+    monkeypatch.delenv("REDIS_URL")  # embedded: no Redis, no broker
+    get_settings.cache_clear()
+    seed(_now())
+    first = CliRunner().invoke(cli, ["alerts", "check"])
+    assert first.exit_code == 0, first.output
+    assert "4 new alert(s), sent to 4 webhook(s)" in first.output
+    again = CliRunner().invoke(cli, ["alerts", "check"])
+    assert "0 new alert(s)" in again.output
+    assert len(receiver.received) == 16

@@ -1,4 +1,5 @@
-"""`alerts test` (send a test message now) and `alerts list` (what was sent, and where).
+"""`alerts test` (a test message now), `alerts check` (what is due, from cron) and `alerts list`
+(what was sent, and where).
 
 Targets are shown by label (format#position:hash), never by URL: the URL holds the bot's key.
 Exit codes: 0 every webhook took the message; 1 one did not; 2 none configured.
@@ -51,6 +52,49 @@ def test_cmd() -> None:
         click.echo(f"{target.label}: {'FAILED' if target.label in failed else 'sent'}")
     if failed:
         raise JobFailed(f"{len(failed)} of {len(to)} webhook(s) did not take the test alert")
+
+
+@alerts.command("check")
+@handle_errors
+def check_cmd() -> None:
+    """Record and send the alerts due now, from this process (cron, embedded mode).
+
+    What beat's `midas_recon.check_alerts` does every minute where Celery runs; without
+    Redis the 45011 storm alert is not checked. Exit 1 if a webhook did not take an alert.
+    """
+    from worker.alerts.service import deliver, due_alerts, record, targets
+    from worker.db.session import session_scope
+
+    cfg = settings()
+    now = dt.datetime.now(dt.UTC)
+    pauses = 0
+    if cfg.REDIS_URL is not None:
+        import redis
+
+        from worker.midas.limiter import fleet_pauses_since
+
+        client = redis.Redis.from_url(cfg.REDIS_URL, socket_timeout=10.0)
+        try:
+            pauses = fleet_pauses_since(client, now.timestamp() - 3600)
+        finally:
+            client.close()
+    with database_errors():
+        with session_scope(cfg.DATABASE_URL) as session:
+            new = record(session, due_alerts(session, cfg, now, pauses_last_hour=pauses))
+        to = targets(cfg)
+        failed = [
+            label
+            for alert_id in new
+            for label in deliver(
+                lambda: session_scope(cfg.DATABASE_URL),
+                alert_id,
+                to,
+                now=lambda: dt.datetime.now(dt.UTC),
+            )
+        ]
+    click.echo(f"{len(new)} new alert(s), sent to {len(to)} webhook(s)")
+    if failed:
+        raise JobFailed(f"{len(failed)} delivery(ies) failed; `alerts list` shows them")
 
 
 @alerts.command("list")
