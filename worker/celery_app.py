@@ -1,10 +1,13 @@
 """All Celery configuration and the beat schedule, in one place.
 
-`celery -A worker worker -Q recheck,nightly` consumes both queues; `celery -A worker beat`
-(exactly one) drives the schedule. Two lanes:
+`celery -A worker worker -Q recheck,alerts,nightly` consumes the three queues; `celery -A
+worker beat` drives the schedule (two may run: the one holding a Redis lease schedules,
+worker.beat). Three lanes:
 
 - `recheck`: everything short and latency-sensitive: rechecks after payments, confirming
   re-fetches, logins, and the control tasks (pump, finalize, scans).
+- `alerts`: the alert check and webhook deliveries (worker.alerts), whose retries wait on
+  outside services and must never hold a process a recheck needs, nor wait behind a night.
 - `nightly`: the bulk lane, only the fetch batches of nightly runs, kept short by the pump
   (worker.tasks.pump): the broker holds a few batches of ids, Postgres holds the run's plan.
 
@@ -102,8 +105,9 @@ class RechecksFirstCycle(priority_cycle):
     Kombu's Redis transport polls all queues with one BRPOP, which serves the first non-empty
     list in the order given. Its default rotates that order (round-robin), so a recheck could
     wait behind a nightly batch at every free process; this order always asks `recheck`
-    first, whatever order `-Q` listed the queues in. The nightly lane cannot starve rechecks,
-    and rechecks cannot starve the night either: they are few, and debounced.
+    first, then `alerts`, whatever order `-Q` listed the queues in. The nightly lane cannot
+    starve rechecks or alerts, and they cannot starve the night either: they are few (rechecks
+    debounced, alerts one per event).
     """
 
     def consume(self, n: int) -> list[str]:

@@ -387,7 +387,14 @@ def notify_run_closed(run_id: int) -> None:
         log.warning("alert_hook_failed", extra={"run_id": run_id}, exc_info=True)
 
 
-@project_task("send_alert", retry_on=(AlertNotDelivered,), max_retries=ALERT_MAX_RETRIES)
+# Each target gets (connect, read) timeouts of 10 s: a few slow webhooks fit the soft limit.
+@project_task(
+    "send_alert",
+    soft_time_limit=150,
+    time_limit=180,
+    retry_on=(AlertNotDelivered,),
+    max_retries=ALERT_MAX_RETRIES,
+)
 def send_alert(alert_id: int) -> None:
     """Deliver one recorded alert to every webhook that has not taken it yet."""
     from celery import current_task
@@ -425,6 +432,7 @@ def check_alerts() -> None:
         new = alerts.record(
             session, alerts.due_alerts(session, rt.settings, now, pauses_last_hour=pauses)
         )
+        again = alerts.stalled(session, rt.settings, now)
         alerts.refresh_gauges(session, rt.settings, pauses_last_hour=pauses)
-    for alert_id in new:
+    for alert_id in [*new, *again]:
         send_alert.apply_async(args=(alert_id,))

@@ -358,3 +358,38 @@ def test_alerts_check_command_for_cron_and_embedded_mode(
     again = CliRunner().invoke(cli, ["alerts", "check"])
     assert "0 new alert(s)" in again.output
     assert len(receiver.received) == 16
+
+
+def test_a_stalled_alert_is_sent_again_and_a_settled_one_is_not(
+    env: dict[str, str], receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A send_alert message lost after its alert was recorded (a worker killed between the
+    commit and the send): the periodic check sends it once it has been quiet for a while."""
+    from worker.alerts import events, service
+    from worker.db.models import Alert
+    from worker.tasks import check_alerts
+
+    hook = f"json={receiver.base()}/hook/{KEYS['json']}"
+    monkeypatch.setenv("RECON_ALERT_WEBHOOKS", hook)
+    get_settings.cache_clear()
+    now = _now()
+    with session_scope() as s:
+        lost, given_up, _recent = service.record(
+            s, [events.test_alert(now, n) for n in ("lost", "given-up", "recent")]
+        )
+        s.execute(
+            Alert.__table__.update()
+            .where(Alert.id.in_([lost, given_up]))
+            .values(created_at=now - dt.timedelta(minutes=30))
+        )
+        label = service.targets(get_settings())[0].label
+        s.add(
+            AlertDelivery(
+                alert_id=given_up, target=label, status="failed", attempts=9,
+                updated_at=now - dt.timedelta(minutes=20),
+            )
+        )  # fmt: skip
+    check_alerts.apply()
+    check_alerts.apply()
+    nonces = [r.body["facts"]["nonce"] for r in receiver.received]
+    assert nonces == ["lost"]  # once; the given-up and the too-recent ones are left alone

@@ -44,6 +44,9 @@ LOOKBACK: Final = dt.timedelta(hours=48)
 # A deadline missed longer ago than this is not announced any more (a fresh install, or a
 # database restored from an old backup, would otherwise start with stale alarms).
 LATE_NOTICE_WINDOW: Final = dt.timedelta(hours=24)
+# A delivery with no attempt for this long is not retrying any more (the retries of one task
+# are at most a minute apart): its message was lost, or its task was killed. Sent again.
+STALLED_AFTER: Final = dt.timedelta(minutes=10)
 
 
 def targets(settings: Settings) -> list[Target]:
@@ -85,6 +88,15 @@ def late_nightly(session: Session, settings: Settings, now: dt.datetime) -> Aler
         status = repo.nightly_status(session, candidate)
         return None if status == "complete" else events.nightly_late(candidate, deadline, status)
     return None
+
+
+def stalled(session: Session, settings: Settings, now: dt.datetime) -> list[int]:
+    """Alerts whose delivery stopped without an outcome (a lost message, a killed task), to
+    send again; the retries of a live one, and given-up deliveries, are left alone."""
+    to = targets(settings)
+    if not to:
+        return []
+    return repo.stalled(session, len(to), now=now, quiet=STALLED_AFTER)
 
 
 def record(session: Session, alerts: Iterable[Alert]) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from worker.alerts.events import Alert as AlertEvent
@@ -87,6 +87,22 @@ def give_up(session: Session, alert_id: int, target: str, *, now: dt.datetime) -
         .where(AlertDelivery.alert_id == alert_id, AlertDelivery.target == target)
         .values(status="failed", updated_at=now)
     )
+
+
+def stalled(session: Session, targets: int, *, now: dt.datetime, quiet: dt.timedelta) -> list[int]:
+    """Alerts of the last day that some target has not settled (sent or given up), with no
+    attempt for `quiet`: their message was lost or their task killed. Not those retrying."""
+    settled = func.sum(case((AlertDelivery.status != "pending", 1), else_=0))
+    last_touch = func.coalesce(func.max(AlertDelivery.updated_at), Alert.created_at)
+    rows = session.scalars(
+        select(Alert.id)
+        .outerjoin(AlertDelivery, AlertDelivery.alert_id == Alert.id)
+        .where(Alert.created_at >= now - dt.timedelta(days=1), Alert.created_at < now - quiet)
+        .group_by(Alert.id)
+        .having(func.coalesce(settled, 0) < targets, last_touch < now - quiet)
+        .order_by(Alert.id)
+    )
+    return list(rows)
 
 
 @dataclass(frozen=True)
