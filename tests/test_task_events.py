@@ -3,7 +3,8 @@
 `celery events` and Flower show every task's arguments from the events (argsrepr/kwargsrepr).
 The game sends record_login with a player's session key, by keyword or by position, from its
 own Celery app that knows nothing of our redaction: no event, and no worker log line, may
-carry that key. (Flower reads exactly this stream.)
+carry that key. The last test runs the compose `flower` command itself (basic auth from its
+secret file) and reads the task through Flower's API and page.
 """
 
 from __future__ import annotations
@@ -144,5 +145,101 @@ def _wait(cond: Any, timeout: float, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out; worker log:\n{log.read_text()[-3000:]}")
+            name = getattr(cond, "__name__", "a condition")
+            raise AssertionError(f"timed out on {name}; log:\n{log.read_text()[-3000:]}")
         time.sleep(0.2)
+
+
+def test_flower_as_compose_runs_it_asks_for_a_password_and_shows_no_session_key(
+    db_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The compose `flower` command, for real (its secret file, its basic auth), beside a
+    real worker: the API wants the password, and a task's arguments show no session key."""
+    import base64
+    import socket
+    import urllib.error
+    import urllib.request
+
+    import yaml
+
+    from tests.conftest import ROOT
+    from tests.test_compose import interpolate
+
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    script = interpolate(compose["services"]["flower"]["command"][2], {})  # `$$` is `$`
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    auth_file = tmp_path / "flower_basic_auth"
+    auth_file.write_text("ops:flower-pass-7d1e")
+    script = (
+        script.replace("/run/secrets/flower_basic_auth", str(auth_file))
+        .replace("--address=0.0.0.0", "--address=127.0.0.1")
+        .replace("--port=5555", f"--port={port}")
+    )
+    assert f"--port={port}" in script and str(auth_file) in script
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIDAS_", "RECON_"))}
+    env.update(
+        DATABASE_URL=db_url,
+        REDIS_URL=redis_url,
+        SESSION_KEY_ENCRYPTION_KEY=Fernet.generate_key().decode(),
+        RECON_LIVENESS_DIR=str(tmp_path),
+        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        PYTHONUNBUFFERED="1",
+    )
+    log = tmp_path / "flower-and-worker.log"
+    out = log.open("w")
+    flower = subprocess.Popen(
+        ["sh", "-c", script], env=env, stdout=out, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    worker = subprocess.Popen(
+        [CELERY, "-A", "worker", "worker", "-Q", "recheck", "-c", "1", "-l", "INFO",
+         "-n", "flower-test@%h"],
+        env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    token = base64.b64encode(b"ops:flower-pass-7d1e").decode()
+
+    def get(path: str, authorized: bool = True) -> tuple[int, str]:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}{path}")
+        if authorized:
+            request.add_header("Authorization", f"Basic {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310  (loopback http)
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode(errors="replace")
+        except OSError:
+            return 0, ""
+
+    try:
+        _wait(lambda: get("/api/workers?refresh=false")[0] == 200, 90, log)
+        assert get("/api/tasks", authorized=False)[0] == 401
+        assert get("/", authorized=False)[0] == 401
+        _wait(lambda: "flower-test@" in log.read_text(), 90, log)
+        time.sleep(3)  # the worker's first heartbeat reaches Flower
+        game = Celery("game", broker=redis_url, set_as_current=False)
+        game.conf.update(task_serializer="json", accept_content=["json"])
+        task_id = game.send_task(
+            "midas_recon.record_login",
+            args=["o-flower", "1", SESSION_KEYS[1]],
+            queue="recheck",
+        ).id
+
+        def succeeded() -> bool:
+            status, body = get(f"/api/task/info/{task_id}")
+            return status == 200 and '"SUCCESS"' in body
+
+        _wait(succeeded, 90, log)
+        _status, info = get(f"/api/task/info/{task_id}")
+        _status, tasks = get("/api/tasks")
+        _status, page = get(f"/task/{task_id}")
+    finally:
+        for proc in (worker, flower):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=60)
+        out.close()
+    assert "o-flower" in info and "[REDACTED]" in info  # the arguments are shown, redacted
+    for text in (info, tasks, page, log.read_text()):
+        assert SESSION_KEYS[1] not in text
