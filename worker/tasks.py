@@ -360,8 +360,9 @@ def confirm_pass() -> None:
 
 # -- alerts (worker/alerts) ---------------------------------------------------------------------
 
-# Retries of one alert: 1, 2, 4 ... 60 s apart with jitter, about five minutes in all; then
-# the delivery is marked failed (`midas-recon alerts list`) and the Prometheus rules remain.
+# Retries of one alert: backoff 1, 2, 4 ... up to 60 s (with jitter), three minutes at most in
+# all; then the delivery is marked failed (`midas-recon alerts list`) and the Prometheus rules
+# remain.
 ALERT_MAX_RETRIES: Final = 8
 
 
@@ -401,7 +402,8 @@ def send_alert(alert_id: int) -> None:
 
     from worker.alerts.service import deliver, give_up, targets
 
-    alert_id = _run_id(alert_id)
+    if not _is_id(alert_id):
+        raise ValueError("alert_id must be a positive integer")
     settings = get_settings()
     to = targets(settings)
     if not to:
