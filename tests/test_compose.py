@@ -182,6 +182,12 @@ def test_worker_outwaits_its_longest_task_and_logs_rotate() -> None:
 def test_two_beats_and_one_worker_command() -> None:
     from worker.celery_app import QUEUES, app
 
+    # The schedule file's folder must exist in the image when beat opens it: the home of the
+    # image's user (Dockerfile), not a folder something else creates later.
+    schedule = command("beat")[command("beat").index("--schedule") + 1]
+    assert schedule.startswith("/var/lib/midas-recon/")
+    assert "--home-dir /var/lib/midas-recon" in (ROOT / "Dockerfile").read_text()
+
     beats = [
         n
         for n, s in SERVICES.items()
