@@ -213,8 +213,8 @@ def test_each_event_reaches_each_format_exactly_once(
     assert digest["facts"]["confirmed"] == 3 and digest["facts"]["net_delta"] == 11_530
     # The largest difference first, each with its console link.
     assert digest["lines"][0].startswith("#") and "+12000" in digest["lines"][0]
-    assert "https://recon.example.com/cases/" in digest["lines"][0]
-    assert digest["link"] == "https://recon.example.com/cases?status=confirmed"
+    assert "https://recon.example.com/accounts/player-2?zone_id=1" in digest["lines"][0]
+    assert digest["link"] == "https://recon.example.com/cases"
     assert generic["nightly_late"]["facts"] == {
         "business_date": late_date(now).isoformat(),
         "status": None,

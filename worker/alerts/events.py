@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
+from urllib.parse import quote
 
 
 class AlertKind(StrEnum):
@@ -185,7 +186,7 @@ def cases_confirmed(
     biggest = sorted(cases, key=lambda c: (-abs(c.delta), c.id))[:DIGEST_CASES]
     lines = [
         f"#{c.id} {c.openid} zone {c.zone_id} {c.check}: Midas - ledger = {c.delta:+d} coins"
-        + (f" {web_base}/cases/{c.id}" if web_base else "")
+        + (f" {account_page(web_base, c)}" if web_base else "")
         for c in biggest
     ]
     if len(cases) > len(biggest):
@@ -197,7 +198,7 @@ def cases_confirmed(
         Severity.WARNING,
         f"{len(cases)} coin mismatch case(s) confirmed (net {total:+d} coins)",
         tuple(lines),
-        f"{web_base}/cases?status=confirmed" if web_base else None,
+        f"{web_base}/cases" if web_base else None,
         {
             "run_id": run_id,
             "confirmed": len(cases),
@@ -205,6 +206,12 @@ def cases_confirmed(
             "cases": [{"id": c.id, "check": c.check, "delta": c.delta} for c in biggest],
         },
     )
+
+
+def account_page(web_base: str, case: ConfirmedCase) -> str:
+    """The console's page of the case's account (PRODUCT.md §12: /accounts/<openid>?zone_id=Z),
+    which lists its cases."""
+    return f"{web_base}/accounts/{quote(case.openid, safe='')}?zone_id={quote(case.zone_id)}"
 
 
 def nightly_late(day: dt.date, deadline: dt.datetime, status: str | None) -> Alert:
