@@ -61,10 +61,13 @@ def test_get_settings_reads_the_process_environment(monkeypatch: pytest.MonkeyPa
 @pytest.mark.parametrize("name", SECRET_VARIABLES)
 def test_file_variant_reads_the_secret(tmp_path: Path, name: str) -> None:
     path = tmp_path / "secret"
-    path.write_text("  from-a-file-secret-value\n", encoding="utf-8")
+    value = "from-a-file-secret-value"
+    if name == "RECON_ALERT_WEBHOOKS":  # a list of URLs, the key inside them
+        value = f"https://hooks.example.com/services/{value}"
+    path.write_text(f"  {value}\n", encoding="utf-8")
     s = load_settings({f"{name}_FILE": str(path)})
-    assert getattr(s, name).get_secret_value() == "from-a-file-secret-value"
-    assert "from-a-file-secret-value" in s.secret_values()
+    assert getattr(s, name).get_secret_value() == value
+    assert value in s.secret_values() and "from-a-file-secret-value" in s.secret_values()
     assert "from-a-file-secret-value" not in repr(s) + str(s)
 
 
@@ -272,3 +275,22 @@ def test_production_refuses_plain_http_unless_told_why() -> None:
     assert allowed.MIDAS_API_BASE.startswith("http://")
     assert load_settings({**prod, "MIDAS_ENV": "sandbox"}).MIDAS_ENV == "sandbox"
     load_settings({**prod, "MIDAS_API_BASE": "https://api.weixin.qq.com"})
+
+
+def test_alert_webhooks_register_each_url_and_key_and_never_echo_them() -> None:
+    hooks = (
+        "wecom=https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=wecom-key-0123456789,"
+        " slack=https://hooks.slack.com/services/T0001/B0001/slackslackslack01"
+        " https://receiver.example.com/hook/generic-key-abcdef"
+    )
+    s = load_settings({"RECON_ALERT_WEBHOOKS": hooks})
+    secrets = s.secret_values()
+    for part in ("wecom-key-0123456789", "slackslackslack01", "generic-key-abcdef"):
+        assert part in secrets
+    assert "services" not in secrets  # a path word is not a key
+    with pytest.raises(ConfigError) as info:
+        load_settings({"RECON_ALERT_WEBHOOKS": "teams=https://x.example.com/k/secret-abcdefgh"})
+    assert "entry 1: unknown format" in str(info.value)
+    assert "secret-abcdefgh" not in str(info.value)
+    with pytest.raises(ConfigError, match="entry 2: not an http"):
+        load_settings({"RECON_ALERT_WEBHOOKS": "https://ok.example.com/a slack=ftp://key-abcdefgh"})

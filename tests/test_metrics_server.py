@@ -131,3 +131,23 @@ def test_every_metric_is_documented() -> None:
     assert names
     missing = [n for n in names if n not in text]
     assert not missing, f"docs/metrics.md does not describe {missing}"
+
+
+def test_the_metrics_server_listens_on_loopback_by_default(tmp_path: Path) -> None:
+    """A worker on a host serves nobody else unless METRICS_ADDR says so (compose does)."""
+    from worker.metrics_server import DEFAULT_ADDR, DEFAULT_PORT
+
+    assert DEFAULT_ADDR == "127.0.0.1" and DEFAULT_PORT != 9100  # 9100: node_exporter's
+    code = "from worker.metrics_server import main; main(['--port', '0'])"
+    env = {k: v for k, v in _env(tmp_path).items() if k != "METRICS_ADDR"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("serving metrics on 127.0.0.1:"), line
+        assert _scrape(int(line.rsplit(":", 1)[1].split("/")[0]))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

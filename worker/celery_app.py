@@ -1,10 +1,13 @@
 """All Celery configuration and the beat schedule, in one place.
 
-`celery -A worker worker -Q recheck,nightly` consumes both queues; `celery -A worker beat`
-(exactly one) drives the schedule. Two lanes:
+`celery -A worker worker -Q recheck,alerts,nightly` consumes the three queues; `celery -A
+worker beat` drives the schedule (two may run: the one holding a Redis lease schedules,
+worker.beat). Three lanes:
 
 - `recheck`: everything short and latency-sensitive: rechecks after payments, confirming
   re-fetches, logins, and the control tasks (pump, finalize, scans).
+- `alerts`: the alert check and webhook deliveries (worker.alerts), whose retries wait on
+  outside services and must never hold a process a recheck needs, nor wait behind a night.
 - `nightly`: the bulk lane, only the fetch batches of nightly runs, kept short by the pump
   (worker.tasks.pump): the broker holds a few batches of ids, Postgres holds the run's plan.
 
@@ -21,6 +24,7 @@ recheck for a free process.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import ssl
 import sys
@@ -32,6 +36,8 @@ from urllib.parse import parse_qs, urlsplit
 from celery import Celery, Task, current_task, signals
 from celery.beat import BeatLazyFunc
 from celery.schedules import crontab
+from celery.utils.saferepr import saferepr
+from celery.worker.request import Request
 from kombu.entity import Exchange, Queue
 from kombu.utils.scheduling import priority_cycle
 
@@ -40,7 +46,10 @@ from worker.config import ConfigError, Settings, get_settings
 
 RECHECK_QUEUE: Final = "recheck"
 NIGHTLY_QUEUE: Final = "nightly"
-QUEUES: Final = (RECHECK_QUEUE, NIGHTLY_QUEUE)  # consumption order: rechecks first
+# Alerts have their own lane: a webhook that is slow or down (retries with backoff) must
+# never hold a process that a recheck or a batch needs, nor wait behind a night's batches.
+ALERTS_QUEUE: Final = "alerts"
+QUEUES: Final = (RECHECK_QUEUE, ALERTS_QUEUE, NIGHTLY_QUEUE)  # consumption order
 
 # Every task, its queue. Routing by name (not by task object) also covers `send_task` from
 # the game's own Celery app and messages queued before a refactor.
@@ -54,6 +63,8 @@ TASK_QUEUES: Final[dict[str, str]] = {
     "midas_recon.record_login": RECHECK_QUEUE,
     "midas_recon.scan_ledger": RECHECK_QUEUE,
     "midas_recon.confirm_pass": RECHECK_QUEUE,
+    "midas_recon.send_alert": ALERTS_QUEUE,
+    "midas_recon.check_alerts": ALERTS_QUEUE,
 }
 
 # -- time budgets (seconds) -------------------------------------------------------------------
@@ -89,12 +100,16 @@ assert VISIBILITY_TIMEOUT_S > LONGEST_HARD_LIMIT_S + MAX_COUNTDOWN_S
 # tests/orchestration/test_nightly.py hung in 2 runs of 2, a batch claimed at the start never
 # run after a pool process was killed, and passed 2 of 2 with it on. The cause, somewhere in
 # how kombu's Redis poller behaves without the control consumer, is not pinned down.)
-REMOTE_CONTROL_ALLOWED: Final = frozenset({"ping", "hello"})
+# enable_events: Flower broadcasts it every few seconds; task events are on by configuration
+# anyway (a no-op), and refusing it filled the worker's log with errors.
+REMOTE_CONTROL_ALLOWED: Final = frozenset({"ping", "hello", "enable_events"})
 
 # How often beat drives the periodic work.
 SWEEP_EVERY_S: Final = 15.0
 LEDGER_SCAN_EVERY_S: Final = 30.0
 CONFIRM_PASS_EVERY_S: Final = 30.0
+# Alerts read what runs left in Postgres: a minute late at most.
+ALERT_CHECK_EVERY_S: Final = 60.0
 # A nightly start queued while every worker was down still counts hours later.
 NIGHTLY_START_EXPIRES_S: Final = 12 * 3600
 
@@ -105,8 +120,9 @@ class RechecksFirstCycle(priority_cycle):
     Kombu's Redis transport polls all queues with one BRPOP, which serves the first non-empty
     list in the order given. Its default rotates that order (round-robin), so a recheck could
     wait behind a nightly batch at every free process; this order always asks `recheck`
-    first, whatever order `-Q` listed the queues in. The nightly lane cannot starve rechecks,
-    and rechecks cannot starve the night either: they are few, and debounced.
+    first, then `alerts`, whatever order `-Q` listed the queues in. The nightly lane cannot
+    starve rechecks or alerts, and they cannot starve the night either: they are few (rechecks
+    debounced, alerts one per event).
     """
 
     def consume(self, n: int) -> list[str]:
@@ -148,6 +164,13 @@ def beat_schedule(settings: Settings, app: Celery) -> dict[str, dict[str, Any]]:
             "schedule": timedelta(seconds=CONFIRM_PASS_EVERY_S),
             "options": {"expires": CONFIRM_PASS_EVERY_S},
         },
+        # Failed/incomplete runs, confirmed cases, a nightly late at RECON_NIGHTLY_DEADLINE,
+        # 45011 storms; and the gauges Prometheus alerts on (worker.alerts.service).
+        "alerts-check": {
+            "task": "midas_recon.check_alerts",
+            "schedule": timedelta(seconds=ALERT_CHECK_EVERY_S),
+            "options": {"expires": ALERT_CHECK_EVERY_S},
+        },
     }
 
 
@@ -162,6 +185,66 @@ def broker_tls(redis_url: str | None) -> dict[str, Any] | None:
     if ca_file:
         options["ssl_ca_certs"] = ca_file[0]
     return options
+
+
+# -- task arguments in events and logs ----------------------------------------------------------
+# Arguments that hold a secret (the game sends a player's session_key with record_login).
+# Task events carry every task's arguments as text (argsrepr/kwargsrepr) to `celery events`,
+# Flower and Celery's own "received" log line; these are replaced there, by name or position.
+SECRET_ARGUMENTS: Final = frozenset({"session_key"})
+_REPR_MAXSIZE: Final = 1024  # Celery's own cap on argsrepr/kwargsrepr
+
+
+def redacted_reprs(task: Task, args: Any, kwargs: Any) -> tuple[str, str]:
+    """argsrepr and kwargsrepr of a call of `task`: secret arguments replaced, and any known
+    secret (worker.logs registry) or `session_key=…` text redacted in what remains."""
+    from worker.logs import REDACTED, redact
+
+    names = _positional_names(task)
+    args_list = list(args) if isinstance(args, list | tuple) else [args] if args else []
+    shown_args = [
+        REDACTED if i < len(names) and names[i] in SECRET_ARGUMENTS else value
+        for i, value in enumerate(args_list)
+    ]
+    kwargs_dict = kwargs if isinstance(kwargs, dict) else {}
+    shown_kwargs = {k: REDACTED if k in SECRET_ARGUMENTS else v for k, v in kwargs_dict.items()}
+    return (
+        redact(saferepr(shown_args, _REPR_MAXSIZE)),
+        redact(saferepr(shown_kwargs, _REPR_MAXSIZE)),
+    )
+
+
+def _positional_names(task: Task) -> list[str]:
+    try:
+        params = inspect.signature(task.run).parameters.values()
+    except (TypeError, ValueError):
+        return []
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [p.name for p in params if p.kind in kinds]
+
+
+class RedactedRequest(Request):  # type: ignore[misc]
+    """The worker's view of a message: argsrepr/kwargsrepr rebuilt from the arguments, so a
+    sender that did not redact them (the game's own Celery app) cannot put a session key into
+    the task-received/started/failed events or the "received" log line."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        argsrepr, kwargsrepr = redacted_reprs(self.task, self.args, self.kwargs)
+        self._argsrepr, self._kwargsrepr = argsrepr, kwargsrepr
+        self.request_dict["argsrepr"], self.request_dict["kwargsrepr"] = argsrepr, kwargsrepr
+
+
+class ProjectTask(Task):  # type: ignore[misc]
+    """Base of every project task: redacted argsrepr/kwargsrepr in the message it sends (and
+    so in the task-sent event), and RedactedRequest on the worker side."""
+
+    Request = f"{__name__}:RedactedRequest"
+
+    def apply_async(self, args: Any = None, kwargs: Any = None, **options: Any) -> Any:
+        if "argsrepr" not in options or "kwargsrepr" not in options:
+            options["argsrepr"], options["kwargsrepr"] = redacted_reprs(self, args, kwargs)
+        return super().apply_async(args, kwargs, **options)
 
 
 def make_app(settings: Settings) -> Celery:
@@ -208,8 +291,12 @@ def make_app(settings: Settings) -> Celery:
         task_default_queue=NIGHTLY_QUEUE,
         task_create_missing_queues=False,
         task_routes={name: {"queue": queue} for name, queue in TASK_QUEUES.items()},
-        task_send_sent_event=False,
-        worker_send_task_events=False,
+        # Task events on, for `celery events` and Flower: every task's arguments travel in
+        # them as argsrepr/kwargsrepr, which ProjectTask and RedactedRequest redact.
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        # Two beats may run; the one holding a Redis lock schedules (worker.beat).
+        beat_scheduler="worker.beat:LockedScheduler",
         # Our JSON logging (worker.logs) stays in charge of the root logger.
         worker_hijack_root_logger=False,
         timezone=settings.RECON_TIMEZONE,
@@ -245,13 +332,12 @@ def project_task(
     soft_time_limit: float = 60,
     time_limit: float = 90,
     retry_on: tuple[type[BaseException], ...] = (),
-    request: str | None = None,
+    max_retries: int = 5,
 ) -> Callable[[F], Task]:
     """Register `fn` as `midas_recon.<name>` with the project's options, spelled once.
 
     Celery accepts any keyword as a task option and silently ignores a misspelled one, so
     tasks use this decorator (typed keywords only) and tests/orchestration checks the result.
-    `request` names a Celery Request class ("module:Class"), e.g. one that hides arguments.
     """
     full = f"midas_recon.{name}"
     if full not in TASK_QUEUES:
@@ -262,14 +348,13 @@ def project_task(
     def register(fn: F) -> Task:
         options: dict[str, Any] = {
             "name": full,
+            "base": ProjectTask,
             "acks_late": True,
             "reject_on_worker_lost": True,
             "ignore_result": True,
             "soft_time_limit": soft_time_limit,
             "time_limit": time_limit,
         }
-        if request is not None:
-            options["Request"] = request
         if retry_on:
             # For tasks nothing else would redo (a nightly start from beat, a login): a new
             # message with a backoff countdown, well under MAX_COUNTDOWN_S.
@@ -278,7 +363,7 @@ def project_task(
                 retry_backoff=True,
                 retry_backoff_max=60,
                 retry_jitter=True,
-                max_retries=5,
+                max_retries=max_retries,
             )
         return app.task(**options)(fn)
 
@@ -329,6 +414,15 @@ def _connect_signals() -> None:
 
     for signal in (signals.worker_init, signals.beat_init):
         signal.connect(refuse_incomplete_production, weak=False, dispatch_uid="midas_recon_prod")
+
+    def worker_alive(**_kwargs: Any) -> None:
+        from worker import liveness
+
+        liveness.touch("worker")
+
+    # The healthcheck's file (worker.liveness): ready once, then every event heartbeat.
+    for signal in (signals.worker_ready, signals.heartbeat_sent):
+        signal.connect(worker_alive, weak=False, dispatch_uid="midas_recon_alive")
 
     def limit_on_start(**_kwargs: Any) -> None:
         limit_remote_control()

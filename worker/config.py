@@ -12,10 +12,10 @@ from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.business_calendar import BusinessCalendar
@@ -28,6 +28,12 @@ SECRET_VARIABLES = (
     "SESSION_KEY_ENCRYPTION_KEY",
     "RECON_WEB_SESSION_SECRET",
     "SESSION_KEY_TRANSPORT_KEY",
+    # Webhook URLs carry their bot's key (WeCom `?key=`, Feishu and Slack in the path).
+    "RECON_ALERT_WEBHOOKS",
+    # Passwords put into DATABASE_URL / REDIS_URL at load time, so that the URLs can stay in
+    # plain configuration and the passwords in secret files (docker compose `secrets:`).
+    "DATABASE_PASSWORD",
+    "REDIS_PASSWORD",
 )
 
 # DATABASE_URL dialects the project runs on (the embedded default and production).
@@ -50,6 +56,8 @@ class Settings(BaseSettings):
 
     DATABASE_URL: str = "sqlite:///midas_recon.db"
     REDIS_URL: str | None = None
+    DATABASE_PASSWORD: SecretStr | None = None
+    REDIS_PASSWORD: SecretStr | None = None
 
     MIDAS_API_BASE: str = "https://api.weixin.qq.com"
     MIDAS_API_VERSION: Literal["v1", "v2"] = "v1"
@@ -101,11 +109,40 @@ class Settings(BaseSettings):
     RECON_WEB_AUTH_HEADER: str | None = None
     RECON_WEB_TRUSTED_PROXIES: str | None = None
 
+    # Where alerts go (worker/alerts/targets.py): `FORMAT=URL` entries, comma-separated.
+    RECON_ALERT_WEBHOOKS: SecretStr | None = None
+    # The operators' console, for links in alerts (e.g. https://recon.example.com); unset =
+    # no links.
+    RECON_WEB_BASE_URL: str | None = None
+    # An alert when the fleet was paused by 45011 more than this many times within an hour.
+    RECON_ALERT_PAUSE_STORM: int = Field(5, ge=1, le=1000)
+
     @classmethod
     def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[no-untyped-def]
         # `load_settings` reads the environment itself (to resolve `_FILE` twins), so only the
         # values it passes count; this keeps tests that pass their own environ hermetic.
         return (init_settings,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _passwords_into_urls(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for url_name, password_name in (
+            ("DATABASE_URL", "DATABASE_PASSWORD"),
+            ("REDIS_URL", "REDIS_PASSWORD"),
+        ):
+            url, password = data.get(url_name), data.get(password_name)
+            if isinstance(password, SecretStr):
+                password = password.get_secret_value()
+            if not url or not isinstance(password, str) or not password.strip():
+                continue
+            if not urlsplit(url).hostname:  # SQLite: a file, no password to give
+                continue
+            if _url_password(url):
+                raise ValueError(f"{url_name} has a password and {password_name} is set; use one")
+            data = {**data, url_name: _with_password(url, password.strip())}
+        return data
 
     @field_validator("MIDAS_API_BASE")
     @classmethod
@@ -171,6 +208,25 @@ class Settings(BaseSettings):
     @classmethod
     def _blank_is_no_reason(cls, v: str | None) -> str | None:
         return v.strip() or None if v else None
+
+    @field_validator("RECON_WEB_BASE_URL")
+    @classmethod
+    def _web_base(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError("must be an http(s) URL")
+        return v.rstrip("/")
+
+    @field_validator("RECON_ALERT_WEBHOOKS")
+    @classmethod
+    def _webhooks_parse(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is None:
+            return None
+        from worker.alerts.targets import parse_targets  # a leaf module, no settings import
+
+        parse_targets(v.get_secret_value())  # its ValueError never quotes a URL
+        return v
 
     @field_validator("MIDAS_APPID", "MIDAS_OFFER_ID", "RECON_WEB_AUTH_HEADER")
     @classmethod
@@ -245,8 +301,15 @@ class Settings(BaseSettings):
         out: list[str] = []
         for name in SECRET_VARIABLES:
             value = getattr(self, name)
+            if name == "RECON_ALERT_WEBHOOKS":
+                continue  # below: each URL and each key inside it
             if value is not None and value.get_secret_value():
                 out.extend(v.strip() for v in value.get_secret_value().split(",") if v.strip())
+        if self.RECON_ALERT_WEBHOOKS is not None:
+            from worker.alerts.targets import parse_targets, secret_parts
+
+            for target in parse_targets(self.RECON_ALERT_WEBHOOKS.get_secret_value()):
+                out.extend(secret_parts(target.url))
         # Passwords inside the database and Redis URLs are credentials too.
         for url in (self.DATABASE_URL, self.REDIS_URL):
             password = _url_password(url)
@@ -341,6 +404,14 @@ def _url_password(url: str | None) -> str | None:
         return unquote(urlsplit(url).password or "") or None
     except ValueError:  # an unparsable URL fails elsewhere, with the variable's name
         return None
+
+
+def _with_password(url: str, password: str) -> str:
+    """`url` with `password` in its user info (URL-encoded; the user name kept)."""
+    parts = urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    user = quote(unquote(parts.username or ""), safe="")
+    return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
 
 def _read_secret_files(environ: dict[str, str]) -> dict[str, str]:

@@ -41,3 +41,57 @@ CASE_TRANSITIONS = Counter(
     "recon_case_transitions_total", "Mismatch case transitions, by new status.", ["to_status"]
 )
 RUN_ITEMS_DONE = Counter("recon_run_items_done_total", "Run items finished, by run kind.", ["kind"])
+TOKEN_REQUESTS = Counter(
+    "midas_token_requests_total",
+    "stable_token calls, by outcome (ok, timeout, error, or the errcode WeChat answered).",
+    ["outcome"],
+)
+FLEET_PAUSES = Counter(
+    "midas_fleet_pauses_total",
+    "Fleet-wide pauses after a 45011 (minute quota), each counted once over the fleet.",
+)
+OPERATOR_ACTIONS = Counter(
+    "recon_operator_actions_total",
+    "Changes made by an operator (acknowledge, resolve, start a run, alert test...), by action.",
+    ["action"],
+)
+ALERTS_SENT = Counter(
+    "recon_alerts_sent_total",
+    "Alert deliveries, by kind and result (sent, retry, failed).",
+    ["kind", "result"],
+)
+# Read from Postgres by the periodic alert check (worker.tasks.check_alerts); "mostrecent":
+# the last value any process set, not a sum over the pool's processes.
+LAST_COMPLETE_NIGHTLY = Gauge(
+    "recon_last_complete_nightly_timestamp_seconds",
+    "When the newest complete nightly run finished (unix seconds); 0 before the first.",
+    multiprocess_mode="mostrecent",
+)
+LAST_COMPLETE_NIGHTLY_DATE = Gauge(
+    "recon_last_complete_nightly_business_date_seconds",
+    "The business date of the newest complete nightly run, as midnight UTC (unix seconds).",
+    multiprocess_mode="mostrecent",
+)
+LATEST_NIGHTLY_STATUS = Gauge(
+    "recon_latest_nightly_status",
+    "1 for the status of the newest nightly run (planning, running, complete, incomplete, "
+    "failed), 0 for the others.",
+    ["status"],
+    multiprocess_mode="mostrecent",
+)
+OPEN_CASES = Gauge(
+    "recon_open_cases",
+    "Open mismatch cases, by status (suspected, confirmed, acknowledged).",
+    ["status"],
+    multiprocess_mode="mostrecent",
+)
+FLEET_PAUSES_LAST_HOUR = Gauge(
+    "midas_fleet_pauses_last_hour",
+    "Fleet pauses (45011) that ended within the last hour, from Redis.",
+    multiprocess_mode="mostrecent",
+)
+RATE_LIMIT = Gauge(
+    "midas_rate_limit",
+    "MIDAS_RATE_LIMIT of the fleet (requests per second), to draw the request rate against.",
+    multiprocess_mode="mostrecent",
+)

@@ -5,12 +5,16 @@ With PROMETHEUS_MULTIPROC_DIR set (before Python starts: prometheus_client reads
 each process writes its values to files there and the parent serves their sum. Environment:
 
 - METRICS_PORT: port of `/metrics` on a Celery worker; unset = do not serve (tests, beat).
-- METRICS_ADDR: address to bind, default 0.0.0.0.
+  docker-compose.yml uses DEFAULT_PORT, 9847: 9100 is node_exporter's, and the ports of the
+  usual neighbours (redis_exporter 9121, postgres_exporter 9187, celery-exporter 9808,
+  Flower 5555) are avoided too.
+- METRICS_ADDR: address to bind, default 127.0.0.1 (loopback: nothing is reachable from
+  outside unless asked for; a container sets 0.0.0.0 and publishes no port).
 - PROMETHEUS_MULTIPROC_DIR: a folder private to ONE worker instance (it is emptied when that
   worker starts, so counters of a previous run or a recycled pid are not added in).
 
 Celery wiring (worker/celery_app.py): `connect_celery_signals()` once at import of the app.
-Standalone: `python -m worker.metrics_server --port 9100` serves whatever the folder holds.
+Standalone: `python -m worker.metrics_server --port 9847` serves whatever the folder holds.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ log = logging.getLogger(__name__)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 _started_lock = threading.Lock()
 _started_on: int | None = None  # the port this process serves, once started
+
+DEFAULT_PORT = 9847
+DEFAULT_ADDR = "127.0.0.1"
 
 
 def multiproc_dir() -> Path | None:
@@ -60,7 +67,7 @@ def reset_multiproc_dir() -> None:
             stale.unlink(missing_ok=True)
 
 
-def serve(port: int, addr: str = "0.0.0.0") -> int:  # noqa: S104  (a scrape target must be reachable)
+def serve(port: int, addr: str = DEFAULT_ADDR) -> int:
     """Start `/metrics` on a daemon thread (once per process); returns the bound port."""
     global _started_on
     with _started_lock:
@@ -82,7 +89,7 @@ def on_worker_init(**_kwargs: Any) -> None:
     if multiproc_dir() is None:
         log.warning("metrics_without_multiproc_dir")  # children's counts would be invisible
     reset_multiproc_dir()
-    bound = serve(int(port), os.environ.get("METRICS_ADDR", "0.0.0.0"))  # noqa: S104
+    bound = serve(int(port), os.environ.get("METRICS_ADDR") or DEFAULT_ADDR)
     log.info("metrics_serving", extra={"port": bound})
 
 
@@ -105,8 +112,10 @@ def connect_celery_signals() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve midas-recon's Prometheus metrics.")
-    parser.add_argument("--port", type=int, default=int(os.environ.get("METRICS_PORT", "9100")))
-    parser.add_argument("--addr", default=os.environ.get("METRICS_ADDR", "0.0.0.0"))  # noqa: S104
+    parser.add_argument(
+        "--port", type=int, default=int(os.environ.get("METRICS_PORT") or DEFAULT_PORT)
+    )
+    parser.add_argument("--addr", default=os.environ.get("METRICS_ADDR") or DEFAULT_ADDR)
     args = parser.parse_args(argv)
     import worker.metrics  # noqa: F401  (registers the metrics in this process too)
 

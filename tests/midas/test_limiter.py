@@ -394,3 +394,25 @@ def test_make_limiter_uses_redis_url(redis_url: str) -> None:
     assert client.exists(lim._k_pause)
     client.close()
     lim._redis.close()
+
+
+@pytest.mark.integration
+def test_each_fleet_pause_is_logged_and_counted_once(r: redis.Redis) -> None:
+    """Many callers meet the same 45011 and pause until the same minute: one pause, counted
+    once over the fleet (the alert on 45011 storms counts these)."""
+    from worker.midas.limiter import fleet_pauses_since
+
+    def counted() -> float:
+        return REGISTRY.get_sample_value("midas_fleet_pauses_total") or 0.0
+
+    before = counted()
+    a, b = RedisLimiter(r, 20, 10), RedisLimiter(r, 20, 10)  # two processes' limiters
+    minute = (int(time.time()) // 60 + 1) * 60
+    for lim in (a, b, a, b):
+        lim.pause_until(minute)
+    assert fleet_pauses_since(r, time.time() - 3600) == 1
+    assert counted() == before + 1
+    b.pause_until(minute + 60)  # the next minute's pause is another one
+    assert fleet_pauses_since(r, time.time() - 3600) == 2
+    assert fleet_pauses_since(r, minute + 30) == 1
+    assert counted() == before + 2

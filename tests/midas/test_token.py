@@ -371,3 +371,32 @@ def test_the_token_cached_in_redis_is_sealed(sim: Simulator, redis_url: str) -> 
     # Without a sealing key a Redis cache is refused, never written in clear.
     with pytest.raises(ConfigError, match="SESSION_KEY_ENCRYPTION_KEY"):
         StableTokenProvider(sim.base_url, APPID, SECRET, redis=client)
+
+
+def test_stable_token_calls_are_counted_by_outcome() -> None:
+    from prometheus_client import REGISTRY
+
+    def count(outcome: str) -> float:
+        value = REGISTRY.get_sample_value("midas_token_requests_total", {"outcome": outcome})
+        return value or 0.0
+
+    before = {o: count(o) for o in ("ok", "40125", "-1", "error", "timeout")}
+    for answer in (
+        _token("tok-counted-1"),
+        {"errcode": 40125, "errmsg": "invalid appsecret"},
+        {"errcode": -1, "errmsg": "busy"},
+        (500, b"oops"),
+        requests.ReadTimeout("read timed out"),
+    ):
+        provider, _ = _provider(answer)
+        try:
+            provider.get()
+        except (ConfigurationError, RetryableError, MidasTimeout):
+            pass
+    assert {o: count(o) - n for o, n in before.items()} == {
+        "ok": 1,
+        "40125": 1,
+        "-1": 1,
+        "error": 1,
+        "timeout": 1,
+    }

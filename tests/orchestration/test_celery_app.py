@@ -17,7 +17,7 @@ from celery.schedules import crontab
 from cryptography.fernet import Fernet
 from kombu.utils.scheduling import cycle_by_name
 
-import worker.tasks  # noqa: F401  (registers the tasks)
+import worker.tasks  # (registers the tasks)
 from worker import celery_app as ca
 from worker.config import load_settings
 from worker.db.accounts import AccountRow, upsert_accounts
@@ -37,6 +37,8 @@ INTERFACE = {
     "midas_recon.record_login": ["openid", "zone_id", "session_key", "at"],
     "midas_recon.scan_ledger": [],
     "midas_recon.confirm_pass": [],
+    "midas_recon.send_alert": ["alert_id"],
+    "midas_recon.check_alerts": [],
 }
 
 
@@ -72,8 +74,10 @@ def test_effective_task_options(name: str) -> None:
             "midas_recon.start_nightly",
             "midas_recon.record_login",
             "midas_recon.recheck",
+            "midas_recon.send_alert",
         )
-        assert task.max_retries == 5 and task.retry_backoff_max <= ca.MAX_COUNTDOWN_S
+        wanted = 5 if name != "midas_recon.send_alert" else worker.tasks.ALERT_MAX_RETRIES
+        assert task.max_retries == wanted and task.retry_backoff_max <= ca.MAX_COUNTDOWN_S
     # A message may wait for its countdown and then run to its hard limit: still within the
     # visibility timeout, or Redis would deliver it a second time while it runs.
     assert task.time_limit + ca.MAX_COUNTDOWN_S < ca.VISIBILITY_TIMEOUT_S
@@ -98,7 +102,7 @@ def test_app_configuration() -> None:
     assert conf.worker_prefetch_multiplier == 1
     assert conf.task_ignore_result is True and not conf.result_backend
     assert conf.task_default_queue == "nightly"
-    assert [q.name for q in conf.task_queues] == ["recheck", "nightly"]
+    assert [q.name for q in conf.task_queues] == ["recheck", "alerts", "nightly"]
     # One binding per queue: a shared (exchange, key) would copy each message to both.
     for queue in ca.app.amqp.queues.values():
         assert (queue.exchange.name, queue.routing_key) == (queue.name, queue.name)
@@ -110,14 +114,18 @@ def test_app_configuration() -> None:
     assert options["visibility_timeout"] > ca.LONGEST_HARD_LIMIT_S + ca.MAX_COUNTDOWN_S
 
 
-@pytest.mark.parametrize("given", [["nightly", "recheck"], ["recheck", "nightly"]])
+@pytest.mark.parametrize(
+    "given",
+    [["nightly", "recheck"], ["recheck", "nightly"], ["nightly", "alerts", "recheck"]],
+)
 def test_rechecks_are_polled_first_whatever_the_q_order(given: list[str]) -> None:
     strategy = ca.app.conf.broker_transport_options["queue_order_strategy"]
     cycle = cycle_by_name(strategy)()  # how kombu resolves the option
     cycle.update(list(given))
-    assert cycle.consume(2) == ["recheck", "nightly"]
+    wanted = [q for q in ("recheck", "alerts", "nightly") if q in given]
+    assert cycle.consume(len(given)) == wanted
     cycle.rotate("recheck")  # kombu rotates after each message; the order must not change
-    assert cycle.consume(2) == ["recheck", "nightly"]
+    assert cycle.consume(len(given)) == wanted
 
 
 def test_beat_schedule_follows_the_settings() -> None:
@@ -125,7 +133,13 @@ def test_beat_schedule_follows_the_settings() -> None:
     app = ca.make_app(settings)
     assert app.conf.timezone == "America/New_York"
     schedule = app.conf.beat_schedule
-    assert set(schedule) == {"nightly-start", "sweep", "ledger-scan", "confirm-pass"}
+    assert set(schedule) == {
+        "nightly-start",
+        "sweep",
+        "ledger-scan",
+        "confirm-pass",
+        "alerts-check",
+    }
     for entry in schedule.values():
         assert entry["task"] in INTERFACE
         assert entry["options"]["expires"] > 0
@@ -144,6 +158,7 @@ def test_beat_schedule_follows_the_settings() -> None:
         ("sweep", ca.SWEEP_EVERY_S),
         ("ledger-scan", ca.LEDGER_SCAN_EVERY_S),
         ("confirm-pass", ca.CONFIRM_PASS_EVERY_S),
+        ("alerts-check", ca.ALERT_CHECK_EVERY_S),
     ):
         assert schedule[name]["schedule"] == dt.timedelta(seconds=every)
         assert every <= 60

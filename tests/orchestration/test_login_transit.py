@@ -29,6 +29,7 @@ from worker.db.crypto import SessionKeyCipher
 from worker.db.models import Account
 from worker.db.session import session_scope
 from worker.intake import seal_session_key
+from worker.logs import REDACTED
 
 pytestmark = pytest.mark.integration
 
@@ -178,7 +179,7 @@ def test_no_session_key_in_the_broker_events_or_log(
     assert log.count(f"Task {TASK}[") >= 2 * (len(keys) + 1), log[-3000:]
     received = [e for e in stream.of("task-received") if e.get("name") == TASK]
     assert len(received) == len(keys) + 1 and all(
-        "<hidden>" in e["args"] + e["kwargs"] for e in received
+        REDACTED in e["args"] + e["kwargs"] for e in received
     )
     assert "session_key is not sealed" in log
     assert "oForgot" not in stored_keys(db_url, cipher)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from worker.cli import (  # noqa: F401  (imported for their commands)
+    alerts_cmds,
     balance_cmd,
     data_cmds,
+    health_cmd,
     mismatch_cmds,
     report_cmds,
     run_cmds,

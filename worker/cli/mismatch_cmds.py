@@ -18,6 +18,7 @@ import click
 
 from worker.cli.base import UsageError, cli, database_errors, handle_errors, parse_date, settings
 from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, MismatchCase, MismatchEvent
+from worker.metrics import OPERATOR_ACTIONS
 from worker.text import spreadsheet_cell
 
 # The JSON/CSV columns of PRODUCT.md §7, in this order.
@@ -239,6 +240,8 @@ def _act(action: Any, case_id: int, note: str, actor: str | None) -> None:
                 status = case.status
         except CaseError as exc:
             raise UsageError(str(exc)) from None
+    # Counted after the commit: an operator's change is what the counter shows.
+    OPERATOR_ACTIONS.labels(f"case_{status}").inc()
     click.echo(f"case {case_id} {status}")
 
 

@@ -300,3 +300,36 @@ class Operator(Base):
     disabled_at: Mapped[dt.datetime | None]  # set by `operators disable`: no more logins
     last_login_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+
+
+ALERT_DELIVERY_STATUSES = ("pending", "sent", "failed")
+
+
+class Alert(Base):
+    """An event worth a message (worker/alerts), recorded once: its key is its identity."""
+
+    __tablename__ = "alerts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # e.g. "run:42:failed", "nightly_late:2026-12-03": a second sighting inserts nothing.
+    dedupe_key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    # worker.alerts.events.Alert as JSON: what every format renders from. No URL, no secret.
+    body: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
+
+
+class AlertDelivery(Base):
+    """One alert to one webhook: sent once, retried until then (a failed one is given up)."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (CheckConstraint(_in("status", ALERT_DELIVERY_STATUSES), name="status"),)
+
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id"), primary_key=True)
+    # The target's label (format#position:hash of the URL), never the URL: it holds the key.
+    target: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    last_error: Mapped[str | None] = mapped_column(Text)  # redacted, label only
+    sent_at: Mapped[dt.datetime | None]
+    updated_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())

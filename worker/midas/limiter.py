@@ -49,9 +49,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from worker.metrics import LIMITER_IN_FLIGHT, LIMITER_WAIT
+from worker.metrics import FLEET_PAUSES, LIMITER_IN_FLIGHT, LIMITER_WAIT
 from worker.midas.errors import RetryableError
 
 if TYPE_CHECKING:
@@ -412,6 +412,7 @@ class RedisLimiter(_ScheduledLimiter):
         self._k_schedule = f"{base}:schedule"
         self._k_holders = f"{base}:holders"
         self._k_pause = f"{base}:pause"
+        self._k_pauses = pause_log_key(prefix)
         self._k_marker = f"{base}:state"
         self._k_freed = f"{base}:freed"
         # register_script runs EVALSHA and reloads the script on NOSCRIPT (e.g. after a restart).
@@ -462,11 +463,33 @@ class RedisLimiter(_ScheduledLimiter):
         self._note_local_pause(unix_ts)
         with _redis_away_is_retryable():
             self._pause_script(keys=[self._k_pause], args=[math.ceil(unix_ts * 1e6)])
+            # A pause ends on a minute boundary (worker.midas.client), so its end names it:
+            # one member per pause however many callers met the 45011. Alerts count them.
+            added = self._redis.zadd(self._k_pauses, {str(int(unix_ts)): unix_ts})
+            self._redis.zremrangebyscore(self._k_pauses, 0, unix_ts - PAUSE_LOG_KEEP_S)
+        if added:
+            FLEET_PAUSES.inc()
 
     def paused_until(self) -> float | None:
         with _redis_away_is_retryable():
             reply: Any = self._pause_script(keys=[self._k_pause], args=[0])
         return int(reply) / 1e6 if int(reply) else None
+
+
+# How long the log of fleet pauses is kept (the alert looks at the last hour).
+PAUSE_LOG_KEEP_S: Final = 86_400
+
+
+def pause_log_key(prefix: str = "midas:limiter") -> str:
+    """The sorted set of fleet pauses (member and score: the pause's end, unix seconds)."""
+    return "{" + prefix + "}:pauses"
+
+
+def fleet_pauses_since(
+    client: redis.Redis, since_unix: float, prefix: str = "midas:limiter"
+) -> int:
+    """How many fleet pauses (45011) ended after `since_unix`."""
+    return int(client.zcount(pause_log_key(prefix), since_unix, "+inf"))
 
 
 def make_limiter(settings: Settings, redis: redis.Redis | None = None) -> Limiter:

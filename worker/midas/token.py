@@ -24,6 +24,7 @@ import requests
 
 from worker.config import ConfigError
 from worker.logs import preview, register_secret
+from worker.metrics import TOKEN_REQUESTS
 from worker.midas.errors import (
     ConfigurationError,
     MalformedResponse,
@@ -340,8 +341,14 @@ class StableTokenProvider:
         # Raised outside the except block so the requests exception (whose text may hold a
         # URL) is not chained into our traceback.
         if failure is not None:
+            TOKEN_REQUESTS.labels("timeout" if isinstance(failure, MidasTimeout) else "error").inc()
             raise failure
-        token, expires_in = _read_token_answer(resp)
+        try:
+            token, expires_in = _read_token_answer(resp)
+        except MidasError as exc:
+            TOKEN_REQUESTS.labels(str(exc.errcode) if exc.errcode is not None else "error").inc()
+            raise
+        TOKEN_REQUESTS.labels("ok").inc()
         register_secret(token)
         # Valid for expires_in from when WeChat issued it, somewhere during our call: count
         # from when we sent it, to be safe.
