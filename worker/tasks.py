@@ -316,8 +316,14 @@ def recheck(
     if not rechecks.first_of_burst(rt.redis, request.openid, request.zone_id):
         log.info("recheck_debounced", extra={"openid": request.openid, "zone_id": request.zone_id})
         return
-    with session_scope(rt.settings.DATABASE_URL) as session:
-        batch = rechecks.plan_recheck(session, rt.settings, request)
+    try:
+        with session_scope(rt.settings.DATABASE_URL) as session:
+            batch = rechecks.plan_recheck(session, rt.settings, request)
+    except BaseException:
+        # Planning failed (the task retries on a transient error): a burst key left behind
+        # would debounce the retry itself, and the recheck would be lost.
+        rechecks.forget_burst(rt.redis, request.openid, request.zone_id)
+        raise
     dispatch_batch(batch, "recheck", countdown=rechecks.RECHECK_DELAY_S)
 
 

@@ -7,6 +7,7 @@ import datetime as dt
 import os
 import subprocess
 import time
+from typing import Any
 
 import pytest
 import redis
@@ -285,3 +286,40 @@ def test_confirm_pass_takes_due_cases_once(db_url: str, sim: Simulator) -> None:
         again = rechecks.plan_confirm_pass(session, world.settings, size=50, now=now)
         runs = session.scalar(select(func.count()).select_from(Run).where(Run.kind == "confirm"))
     assert again == [] and runs == 1  # in flight in the first confirm run: not planned twice
+
+
+def test_a_recheck_whose_planning_failed_is_planned_by_its_retry(
+    db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The debounce key was set before the plan was committed: a database error, then
+    Celery's retry inside the window found the key, logged recheck_debounced, and the recheck
+    was gone."""
+    from sqlalchemy.exc import OperationalError
+
+    from worker import tasks
+    from worker.config import get_settings
+
+    monkeypatch.setenv("DATABASE_URL", db_url)
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    get_settings.cache_clear()
+    monkeypatch.setattr(tasks, "_runtime", None)
+    real = rechecks.plan_recheck
+    calls = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("INSERT", {}, Exception("the server closed the connection"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rechecks, "plan_recheck", flaky)
+    with pytest.raises(OperationalError):
+        tasks.recheck.run("oLost", "1", "payment")
+    tasks.recheck.run("oLost", "1", "payment")  # the retry, well inside the debounce window
+    assert len(calls) == 2
+    with session_scope(db_url) as session:
+        kinds = list(session.scalars(select(Run.trigger).where(Run.kind == "recheck")))
+    assert kinds == ["payment"]
+    # And the burst is debounced again from the planned fetch on.
+    tasks.recheck.run("oLost", "1", "payment")
+    assert len(calls) == 2

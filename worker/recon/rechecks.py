@@ -84,9 +84,11 @@ def validate_recheck(
 
 
 class SetNX(Protocol):
-    """The one Redis call the debounce needs (redis.Redis satisfies it)."""
+    """The Redis calls the debounce needs (redis.Redis satisfies it)."""
 
     def set(self, name: str, value: str, *, nx: bool = ..., px: int | None = ...) -> object: ...
+
+    def delete(self, *names: str) -> object: ...
 
 
 def debounce_key(openid: str, zone_id: str) -> str:
@@ -101,6 +103,12 @@ def first_of_burst(redis: SetNX, openid: str, zone_id: str) -> bool:
     payment it absorbed happened before the fetch, and the next payment starts a new burst.
     """
     return bool(redis.set(debounce_key(openid, zone_id), "1", nx=True, px=RECHECK_DELAY_S * 1000))
+
+
+def forget_burst(redis: SetNX, openid: str, zone_id: str) -> None:
+    """Drop the burst's key after its fetch could not be planned: the key stands for a planned
+    fetch, and without one the retry (or the next payment) must plan it, not be absorbed."""
+    redis.delete(debounce_key(openid, zone_id))
 
 
 def plan_recheck(
