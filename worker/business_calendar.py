@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
-
-if TYPE_CHECKING:
-    from worker.config import Settings
 
 
 class FutureDate(ValueError):
@@ -46,19 +42,13 @@ def _aware(instant: dt.datetime) -> dt.datetime:
 
 @dataclass(frozen=True)
 class BusinessCalendar:
+    """Built by `Settings.calendar` from RECON_TIMEZONE, RECON_NIGHTLY_AT,
+    RECON_NIGHTLY_DEADLINE and RECON_CLOCK_SKEW_SECONDS."""
+
     tz: ZoneInfo
     nightly_at: dt.time
     deadline: dt.time
     skew: dt.timedelta
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> BusinessCalendar:
-        return cls(
-            tz=ZoneInfo(settings.RECON_TIMEZONE),
-            nightly_at=_hh_mm(settings.RECON_NIGHTLY_AT),
-            deadline=_hh_mm(settings.RECON_NIGHTLY_DEADLINE),
-            skew=dt.timedelta(seconds=settings.RECON_CLOCK_SKEW_SECONDS),
-        )
 
     # -- dates and their bounds ---------------------------------------------------------------
 
@@ -130,14 +120,7 @@ class BusinessCalendar:
         return _aware(fetched_at) - self.skew
 
 
-def _hh_mm(value: str) -> dt.time:
+def hh_mm(value: str) -> dt.time:
+    """A validated "HH:MM" setting as a time of day."""
     hh, mm = value.split(":")
     return dt.time(int(hh), int(mm))
-
-
-def nightly_date_now() -> str:
-    """The business date a nightly start sent now stands for (ISO); beat evaluates this when
-    it sends the message (celery.beat.BeatLazyFunc), so the message carries its date."""
-    from worker.config import get_settings
-
-    return BusinessCalendar.from_settings(get_settings()).nightly_date_for(utcnow()).isoformat()

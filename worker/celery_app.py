@@ -41,7 +41,7 @@ from celery.worker.request import Request
 from kombu.entity import Exchange, Queue
 from kombu.utils.scheduling import priority_cycle
 
-from worker.business_calendar import nightly_date_now
+from worker import business_calendar as clock
 from worker.config import ConfigError, Settings, get_settings
 
 RECHECK_QUEUE: Final = "recheck"
@@ -129,6 +129,12 @@ class RechecksFirstCycle(priority_cycle):
         items: list[str] = self.items[:n]
         rank = {name: i for i, name in enumerate(QUEUES)}
         return sorted(items, key=lambda q: rank.get(q, len(QUEUES)))
+
+
+def nightly_date_now() -> str:
+    """The business date a nightly start sent now stands for (ISO); beat evaluates this when
+    it sends the message (celery.beat.BeatLazyFunc), so the message carries its date."""
+    return get_settings().calendar.nightly_date_for(clock.utcnow()).isoformat()
 
 
 def beat_schedule(settings: Settings, app: Celery) -> dict[str, dict[str, Any]]:

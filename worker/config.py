@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from datetime import timedelta
 from functools import lru_cache
 from ipaddress import IPv4Network, IPv6Network, ip_network
 from pathlib import Path
@@ -18,7 +19,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.business_calendar import BusinessCalendar
+from worker.business_calendar import BusinessCalendar, hh_mm
 
 # Variables that hold credentials: they accept a `_FILE` twin and are never echoed.
 SECRET_VARIABLES = (
@@ -263,7 +264,7 @@ class Settings(BaseSettings):
     def _checks_parse(cls, v: str | None) -> str | None:
         if v is None or not v.strip():
             return None
-        from worker.recon.rules import parse_checks  # the rules import config: resolve late
+        from worker.checks import parse_checks
 
         parse_checks(v)  # a ValueError names what is wrong; load_settings adds the variable
         return v
@@ -284,7 +285,12 @@ class Settings(BaseSettings):
     @property
     def calendar(self) -> BusinessCalendar:
         """Business dates, day bounds, the nightly's times and the tolerated clock skew."""
-        return BusinessCalendar.from_settings(self)
+        return BusinessCalendar(
+            tz=ZoneInfo(self.RECON_TIMEZONE),
+            nightly_at=hh_mm(self.RECON_NIGHTLY_AT),
+            deadline=hh_mm(self.RECON_NIGHTLY_DEADLINE),
+            skew=timedelta(seconds=self.RECON_CLOCK_SKEW_SECONDS),
+        )
 
     @property
     def trusted_proxies(self) -> list[IPv4Network | IPv6Network]:

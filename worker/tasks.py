@@ -35,7 +35,7 @@ from worker.db.runs import unfinished_runs
 from worker.db.session import session_scope
 from worker.recon import rechecks
 from worker.recon import runs as service
-from worker.recon.runs import Batch
+from worker.recon.batches import Batch, parse_claim
 from worker.text import strip_controls
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         log.error("batch_without_claim", extra={"run_id": run_id})
         return
     rt = runtime()
-    token = service.parse_claim(claim)
+    token = parse_claim(claim)
     try:
         deps = rt.fetch_deps()
     except ConfigError as exc:

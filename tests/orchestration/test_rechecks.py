@@ -20,7 +20,8 @@ from worker.db.models import Account, LedgerEntry, MismatchCase, Run, RunItem
 from worker.db.session import session_scope
 from worker.intake import seal_session_key
 from worker.recon import rechecks
-from worker.recon.runs import Batch, pump, start_nightly
+from worker.recon.batches import Batch
+from worker.recon.runs import pump, start_nightly
 from worker.simulator import Simulator
 from worker.tasks import QUEUED_CLAIM_TTL_MS, claim_key
 

@@ -26,10 +26,10 @@ from worker.config import Settings
 from worker.db import ledger as ledger_repo
 from worker.db import runs as repo
 from worker.db.accounts import AccountRow, upsert_accounts
+from worker.recon.batches import Batch
 from worker.recon.cases import close_cases_of_removed_checks
 from worker.recon.intake import check_bill_no, check_openid, check_zone_id
 from worker.recon.rules import checks_from_settings
-from worker.recon.runs import Batch
 
 log = logging.getLogger(__name__)
 

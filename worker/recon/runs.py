@@ -39,6 +39,7 @@ from worker.db.models import Run
 from worker.db.session import session_scope
 from worker.db.snapshots import VALUE_FIELDS, SnapshotRow, insert_snapshots
 from worker.metrics import RUN_ITEMS_DONE, SNAPSHOTS
+from worker.recon.batches import Batch
 from worker.recon.cases import (
     close_cases_of_removed_checks,
     park_unobserved,
@@ -106,26 +107,6 @@ def fetch_threads(settings: Settings) -> int:
 def batch_deadline_s(settings: Settings, soft_limit_s: float = 300) -> float:
     """Seconds a batch may start fetches for; the rest is given back to the plan."""
     return max(30.0, soft_limit_s - _AFTER_DEADLINE_S - 2 * settings.MIDAS_TIMEOUT_S)
-
-
-@dataclass(frozen=True, slots=True)
-class Batch:
-    """Account ids of one run claimed together; `claim` identifies this claim."""
-
-    run_id: int
-    account_ids: list[int]
-    claim: dt.datetime
-
-    @property
-    def claim_token(self) -> str:
-        return self.claim.isoformat()
-
-
-def parse_claim(token: str) -> dt.datetime:
-    claim = dt.datetime.fromisoformat(token)
-    if claim.tzinfo is None:
-        raise ValueError("a claim token carries its time zone")
-    return claim
 
 
 # -- starting a nightly run -------------------------------------------------------------------

@@ -12,19 +12,22 @@ from __future__ import annotations
 import datetime as dt
 import hmac
 import secrets
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
-from ipaddress import ip_address
 from pathlib import Path
 
 from flask import Flask, g, jsonify, redirect, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
-from sqlalchemy.orm import Session
 from werkzeug.wrappers.response import Response
 
 from worker.config import Settings
-from worker.db.session import session_scope
 from worker.web.actions import Actions
+from worker.web.context import (
+    Console,
+    client_address,
+    console,
+    csrf_token,
+    peer_trusted,
+    via_tls,
+)
 from worker.web.operators import NAME as OPERATOR_NAME
 from worker.web.operators import may_act
 from worker.web.throttle import LoginThrottle
@@ -35,24 +38,6 @@ CSRF_FIELD = "csrf_token"
 CSRF_HEADER = "X-CSRF-Token"
 SESSION_HOURS = 12
 HERE = Path(__file__).resolve().parent
-
-
-@dataclass
-class Console:
-    """What the views need besides the request: settings, login throttle, actions."""
-
-    settings: Settings
-    throttle: LoginThrottle
-    actions: Actions
-
-    def db(self) -> AbstractContextManager[Session]:
-        return session_scope(self.settings.DATABASE_URL)
-
-
-def console() -> Console:
-    from flask import current_app
-
-    return current_app.extensions["midas_recon"]  # type: ignore[no-any-return]
 
 
 def create_app(settings: Settings, *, actions: Actions | None = None) -> Flask:
@@ -93,43 +78,9 @@ def create_app(settings: Settings, *, actions: Actions | None = None) -> Flask:
 # -- who is asking ------------------------------------------------------------------------------
 
 
-def _trusted(address: str | None) -> bool:
-    proxies = console().settings.trusted_proxies
-    if not proxies or not address:
-        return False
-    try:
-        ip = ip_address(address)
-    except ValueError:
-        return False
-    return any(ip in net for net in proxies)
-
-
-def _peer_trusted() -> bool:
-    return _trusted(request.remote_addr)
-
-
-def client_address() -> str:
-    """The client's address: the proxies' word for it only as far as they are trusted."""
-    if not _peer_trusted():
-        return request.remote_addr or "-"
-    hops = [h.strip() for h in request.headers.get("X-Forwarded-For", "").split(",")]
-    # From our side backwards: the first hop that is not one of our proxies is the client;
-    # anything before it the client could have written itself.
-    for hop in reversed([h for h in hops if h]):
-        if not _trusted(hop):
-            return hop
-    return request.remote_addr or "-"
-
-
-def via_tls() -> bool:
-    if request.scheme == "https":
-        return True
-    return _peer_trusted() and request.headers.get("X-Forwarded-Proto", "").lower() == "https"
-
-
 def _proxy_operator() -> str | None:
     header = console().settings.RECON_WEB_AUTH_HEADER
-    if header is None or not _peer_trusted():
+    if header is None or not peer_trusted():
         return None  # from anyone else the header is just text a client typed
     return request.headers.get(header) or None
 
@@ -142,13 +93,6 @@ class _Sessions(SecureCookieSessionInterface):
 
 
 # -- the guard ----------------------------------------------------------------------------------
-
-
-def csrf_token() -> str:
-    token = session.get("csrf")
-    if not isinstance(token, str):
-        token = session["csrf"] = secrets.token_urlsafe(32)
-    return token
 
 
 def _csrf_ok() -> bool:

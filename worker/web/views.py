@@ -37,7 +37,7 @@ from worker.reports import render as statement_render
 from worker.reports.statement import StatementUnavailable, build_statement, build_trend
 from worker.web import charts, present
 from worker.web.actions import ActionRefused
-from worker.web.app import client_address, console, csrf_token
+from worker.web.context import client_address, console, csrf_token
 from worker.web.filters import local_time
 from worker.web.operators import authenticate
 
