@@ -39,6 +39,7 @@ from pathlib import Path
 from cryptography.fernet import Fernet
 from sqlalchemy import func, select
 
+from worker import business_calendar as clock
 from worker.config import SECRET_VARIABLES, Settings, get_settings
 from worker.db.models import BalanceSnapshot, MismatchCase, Run
 from worker.simulator import SimConfig, Simulator
@@ -223,7 +224,7 @@ def _demo_environment(env: dict[str, str]) -> Iterator[Settings]:
 def _plant(sim: Simulator, folder: Path, players: int, seed: int) -> tuple[Plan, Path, Path]:
     """Create the players in the simulator and write the game's accounts and ledger files."""
     rng = random.Random(seed)
-    now = dt.datetime.now(dt.UTC).replace(microsecond=0)
+    now = clock.utcnow().replace(microsecond=0)
     accounts: list[Account] = []
     seen: set[str] = set()
     while len(accounts) < players:
@@ -437,7 +438,7 @@ def _day_of_payments(settings: Settings, sim: Simulator, plan: Plan, folder: Pat
     quiet = set(plan.mismatched) | set(plan.in_flight) | plan.unobservable | plan.inactive
     everyone = ((p["openid"], p["zone_id"]) for p in sim.players())
     players = sorted(a for a in everyone if a not in quiet)
-    now = dt.datetime.now(dt.UTC)
+    now = clock.utcnow()
     rows = []
     for n, (openid, zone) in enumerate(rng.sample(players, max(1, len(players) // 10))):
         no = f"demo-day-{n:06d}"

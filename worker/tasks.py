@@ -19,6 +19,7 @@ from typing import Any, Final
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 
+from worker import business_calendar as clock
 from worker.business_calendar import FutureDate
 from worker.celery_app import (
     FETCH_HARD_LIMIT_S,
@@ -154,11 +155,11 @@ def request_pump(run_id: int, *, countdown: float | None = None) -> None:
 def schedule_confirm(due: dt.datetime) -> None:
     """A confirm pass just after `due`; further out than the longest countdown we send, the
     periodic pass takes it (an ETA message longer than that risks a second delivery)."""
-    wait = (due - dt.datetime.now(dt.UTC)).total_seconds()
+    wait = (due - clock.utcnow()).total_seconds()
     if wait > MAX_COUNTDOWN_S:
         return
     bucket = -(-int(due.timestamp()) // CONFIRM_BUCKET_S) * CONFIRM_BUCKET_S
-    countdown = max(0.0, bucket - dt.datetime.now(dt.UTC).timestamp()) + 0.5
+    countdown = max(0.0, bucket - clock.utcnow().timestamp()) + 0.5
     key = f"midas_recon:confirm_at:{bucket}"
     if runtime().redis.set(key, "1", nx=True, px=int((countdown + 60) * 1000)):
         confirm_pass.apply_async(countdown=countdown)
@@ -432,11 +433,11 @@ def send_alert(alert_id: int) -> None:
     def db() -> Any:
         return session_scope(settings.DATABASE_URL)
 
-    failed = deliver(db, alert_id, to, now=lambda: dt.datetime.now(dt.UTC))
+    failed = deliver(db, alert_id, to, now=clock.utcnow)
     if not failed:
         return
     if current_task.request.retries >= ALERT_MAX_RETRIES:
-        give_up(db, alert_id, failed, now=dt.datetime.now(dt.UTC))
+        give_up(db, alert_id, failed, now=clock.utcnow())
         return
     raise AlertNotDelivered(f"alert {alert_id}: {len(failed)} target(s) to retry")
 
@@ -448,7 +449,7 @@ def check_alerts() -> None:
     from worker.midas.limiter import fleet_pauses_since
 
     rt = runtime()
-    now = dt.datetime.now(dt.UTC)
+    now = clock.utcnow()
     pauses = fleet_pauses_since(rt.redis, now.timestamp() - 3600)
     with session_scope(rt.settings.DATABASE_URL) as session:
         new = alerts.record(

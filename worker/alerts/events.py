@@ -15,6 +15,8 @@ from enum import StrEnum
 from typing import Any
 from urllib.parse import quote
 
+from worker import business_calendar as clock
+
 
 class AlertKind(StrEnum):
     RUN_FAILED = "run_failed"
@@ -139,7 +141,7 @@ def run_closed(run: ClosedRun, web_base: str | None) -> Alert | None:
         # hour, or a 90011 would flood the channel.
         key = f"run:{run.id}:failed"
         if run.kind != "nightly":
-            hour = (run.finished_at or dt.datetime.now(dt.UTC)).astimezone(dt.UTC)
+            hour = (run.finished_at or clock.utcnow()).astimezone(dt.UTC)
             key = f"runs:{run.kind}:failed:{code or 'other'}:{hour:%Y-%m-%dT%H}"
         reason = run.failure_reason or "no reason recorded"
         lines = [f"Reason: {reason}", f"So far: {coverage}"]

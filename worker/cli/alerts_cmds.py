@@ -13,6 +13,7 @@ import uuid
 
 import click
 
+from worker import business_calendar as clock
 from worker.cli.base import JobFailed, UsageError, cli, database_errors, handle_errors, settings
 from worker.metrics import OPERATOR_ACTIONS
 
@@ -37,7 +38,7 @@ def test_cmd() -> None:
     to = targets(cfg)
     if not to:
         raise UsageError("RECON_ALERT_WEBHOOKS is not set; nothing to test")
-    now = dt.datetime.now(dt.UTC)
+    now = clock.utcnow()
     with database_errors():
         with session_scope(cfg.DATABASE_URL) as session:
             (alert_id,) = record(session, [events.test_alert(now, uuid.uuid4().hex[:12])])
@@ -45,7 +46,7 @@ def test_cmd() -> None:
             lambda: session_scope(cfg.DATABASE_URL),
             alert_id,
             to,
-            now=lambda: dt.datetime.now(dt.UTC),
+            now=clock.utcnow,
         )
     OPERATOR_ACTIONS.labels("alerts_test").inc()
     for target in to:
@@ -66,7 +67,7 @@ def check_cmd() -> None:
     from worker.db.session import session_scope
 
     cfg = settings()
-    now = dt.datetime.now(dt.UTC)
+    now = clock.utcnow()
     pauses = 0
     if cfg.REDIS_URL is not None:
         import redis
@@ -89,7 +90,7 @@ def check_cmd() -> None:
                 lambda: session_scope(cfg.DATABASE_URL),
                 alert_id,
                 to,
-                now=lambda: dt.datetime.now(dt.UTC),
+                now=clock.utcnow,
             )
         ]
     click.echo(f"{len(new)} new alert(s), sent to {len(to)} webhook(s)")

@@ -9,6 +9,7 @@ import sys
 
 import click
 
+from worker import business_calendar as clock
 from worker.cli.base import UsageError, cli, database_errors, handle_errors, settings
 from worker.cli.mismatch_cmds import _table
 
@@ -63,7 +64,7 @@ def operators_add(name: str) -> None:
     with database_errors():
         try:
             with session_scope(settings().DATABASE_URL) as session:
-                add_operator(session, name, password, now=_now())
+                add_operator(session, name, password, now=clock.utcnow())
         except OperatorError as exc:
             raise UsageError(str(exc)) from None
     click.echo(f"operator {name} added")
@@ -108,7 +109,7 @@ def operators_disable(name: str) -> None:
     with database_errors():
         try:
             with session_scope(settings().DATABASE_URL) as session:
-                disable_operator(session, name, now=_now())
+                disable_operator(session, name, now=clock.utcnow())
         except OperatorError as exc:
             raise UsageError(str(exc)) from None
     click.echo(f"operator {name} disabled")
@@ -205,7 +206,3 @@ def account_cmd(openid: str, zone_id: str, fmt: str, limit: int) -> None:
 
 def _stamp(value: dt.datetime | None) -> str | None:
     return None if value is None else value.astimezone(dt.UTC).isoformat(timespec="seconds")
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)

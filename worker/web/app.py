@@ -18,6 +18,7 @@ from flask import Flask, g, jsonify, redirect, request, session, url_for
 from flask.sessions import SecureCookieSessionInterface
 from werkzeug.wrappers.response import Response
 
+from worker import business_calendar as clock
 from worker.config import Settings
 from worker.web.actions import Actions
 from worker.web.context import (
@@ -147,7 +148,7 @@ def _basic_auth() -> tuple[Response, int] | None:
     if c.throttle.blocked(*keys):
         return _refuse(429, "too many login attempts; wait a few minutes")
     with c.db() as db:
-        who = authenticate(db, name, auth.password or "", now=dt.datetime.now(dt.UTC))
+        who = authenticate(db, name, auth.password or "", now=clock.utcnow())
     if who is None:
         c.throttle.failed(*keys)
         return _refuse(401, "wrong name or password")

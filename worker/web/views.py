@@ -25,6 +25,7 @@ from flask import (
 )
 from sqlalchemy.orm import Session
 
+from worker import business_calendar as clock
 from worker.business_calendar import FutureDate
 from worker.db import console as queries
 from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, Run
@@ -82,7 +83,7 @@ def login() -> Any:
     if c.throttle.blocked(*keys):
         return render_template("login.html", next=next_url, message=LOGIN_THROTTLED), 429
     with c.db() as db:
-        who = authenticate(db, name, password, now=_now())
+        who = authenticate(db, name, password, now=clock.utcnow())
     if who is None:
         c.throttle.failed(*keys)
         return render_template("login.html", next=next_url, message=LOGIN_REFUSED), 401
@@ -335,7 +336,7 @@ def _run_and_progress(db: Session, run_id: int) -> tuple[Run, present.Progress]:
     r = get_run(db, run_id)
     if r is None:
         abort(404)
-    return r, present.Progress.of(r, read_progress(db, run_id), _now())
+    return r, present.Progress.of(r, read_progress(db, run_id), clock.utcnow())
 
 
 # -- statements ---------------------------------------------------------------------------------
@@ -480,7 +481,3 @@ def _date_required(value: str) -> dt.date:
 
 def _ids(values: list[str]) -> list[int]:
     return list(dict.fromkeys(_int(v, "case_id", 1, 2**63 - 1) for v in values))
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
