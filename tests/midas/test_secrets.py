@@ -62,6 +62,10 @@ class _RawFormatter(logging.Formatter):
 def logs(caplog: pytest.LogCaptureFixture) -> Iterator[tuple[io.StringIO, io.StringIO]]:
     """(our JSON handler's output, raw lines of the project's own loggers)."""
     caplog.set_level(logging.DEBUG)
+    # configure_logging (run by an earlier test, or a CLI invoked in-process) leaves urllib3
+    # at WARNING for the session; its DEBUG lines, which carry the query string, are the
+    # witnesses here.
+    caplog.set_level(logging.DEBUG, logger="urllib3")
     caplog.handler.addFilter(RedactionFilter())
     formatted, raw = io.StringIO(), io.StringIO()
     ours = logging.StreamHandler(formatted)
