@@ -105,6 +105,7 @@ def test_demo_finds_exactly_what_it_planted(venv: Path, tmp_path: Path) -> None:
         f"({MISMATCHED} accounts), cleared {2 * IN_FLIGHT} ({IN_FLIGHT} accounts), "
         "still suspected 0"
     ) in text
+    assert re.search(r"residual [\d,]+ coins, the \d+ top-ups in flight", text)
     assert "Found exactly what was planted: yes" in text
     assert took < 60, f"the demo took {took:.0f} s"
 

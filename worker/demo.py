@@ -98,6 +98,9 @@ class Result:
     cleared: set[tuple[str, str, str]]
     suspected_left: int
     unobservable_accounts: set[Account]
+    # Today's statement: the top-ups in flight at the first night settled at Midas after its
+    # fetch, with their ledger rows before it; nothing else moved unexplained.
+    residual: int | None
     run_seconds: float
     seconds: float
 
@@ -113,6 +116,7 @@ class Result:
             and {(o, z) for o, z, _ in self.cleared} == set(p.in_flight)
             and self.unobservable_accounts == p.unobservable
             and self.suspected_left == 0
+            and self.residual == sum(amount for _, amount in p.in_flight.values())
         )
 
     def summary(self) -> str:
@@ -136,6 +140,9 @@ class Result:
                 f"Mismatch cases: opened {self.opened}, confirmed {len(self.confirmed)} "
                 f"({confirmed_accounts} accounts), cleared {len(self.cleared)} "
                 f"({cleared_accounts} accounts), still suspected {self.suspected_left}",
+                f"Statement of {self.business_date}: residual "
+                f"{'n/a' if self.residual is None else f'{self.residual:,}'} coins, the "
+                f"{len(p.in_flight)} top-ups in flight at the first night settling since",
                 f"Found exactly what was planted: {'yes' if self.as_planted else 'NO'}",
                 f"Report: {self.report}",
                 f"Database: {self.database}",
@@ -426,6 +433,7 @@ def _reconcile(
             cleared={(o, z, c) for o, z, c, s in cases if s == "cleared"},
             suspected_left=sum(1 for *_, s in cases if s == "suspected"),
             unobservable_accounts=unobservable,
+            residual=statement.total.residual,
             run_seconds=run_seconds,
             seconds=0.0,
         )

@@ -232,7 +232,8 @@ def render_html(statement: Statement, trend: Trend) -> str:
             values = [getattr(z, name) for _, z in cols]
             cells = "".join(f'<td class="{_css_class(name, v)}">{e(coins(v))}</td>' for v in values)
             body.append(f'<tr><th scope="row">{e(label)}</th>{cells}</tr>')
-    header = "".join(f"<p>{e(line)}</p>" for line in header_lines(s)[1:])
+    shown = [line for line in header_lines(s)[1:] if not (s.partial and line == generated_line(s))]
+    header = "".join(f"<p>{e(line)}</p>" for line in shown)  # partial: the banner says it
     title = f"Daily coin statement {s.business_date}"
     if s.partial:
         title += " (partial)"
