@@ -14,7 +14,15 @@ import uuid
 import click
 
 from worker import business_calendar as clock
-from worker.cli.base import JobFailed, UsageError, cli, database_errors, handle_errors, settings
+from worker.cli.base import (
+    JobFailed,
+    UsageError,
+    cli,
+    database_errors,
+    format_option,
+    handle_errors,
+    settings,
+)
 from worker.metrics import OPERATOR_ACTIONS
 
 
@@ -100,9 +108,7 @@ def check_cmd() -> None:
 
 @alerts.command("list")
 @click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
-@click.option(
-    "--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@format_option("json: a list of objects.")
 @handle_errors
 def list_cmd(limit: int, fmt: str) -> None:
     """The newest alerts, each with its deliveries: sent, pending (retrying) or failed."""

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from worker.cli.base import JobFailed, UsageError, cli, handle_errors, settings
+from worker.cli.base import JobFailed, UsageError, cli, format_option, handle_errors, settings
 from worker.config import Settings
 from worker.midas.types import Balance
 
@@ -39,14 +39,9 @@ _V1_FIELDS = (
     help="Read the session_key from the first line of stdin instead (never pass a key as an "
     "argument: it would show in the process list and the shell history).",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="json prints one object with the v1 field names of the Midas docs, whatever "
-    "MIDAS_API_VERSION is.",
+@format_option(
+    "json prints one object with the v1 field names of the Midas docs, whatever "
+    "MIDAS_API_VERSION is."
 )
 @handle_errors
 def balance_command(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
 from types import ModuleType
@@ -113,3 +113,30 @@ def broker(send: Callable[[ModuleType], None]) -> None:
         send(tasks)
     except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
         raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None
+
+
+def table(header: Sequence[str], rows: list[list[str]]) -> str:
+    """Rows under a header, columns padded to their widest cell."""
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_option(help: str, *, choices: Sequence[str] = ("table", "json")) -> Callable[[F], F]:
+    """`--format` (as `fmt`), table by default: the same option on every listing command."""
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(list(choices)),
+        default=choices[0],
+        show_default=True,
+        help=help,
+    )
+
+
+def limit_option(default: int, *, most: int, help: str) -> Callable[[F], F]:
+    """`--limit`, 1 to `most`: how many rows a listing prints."""
+    return click.option(
+        "--limit", type=click.IntRange(1, most), default=default, show_default=True, help=help
+    )

@@ -16,24 +16,21 @@ from typing import Any
 
 import click
 
-from worker.cli.base import UsageError, cli, database_errors, handle_errors, parse_date, settings
+from worker.cli.base import (
+    UsageError,
+    cli,
+    database_errors,
+    format_option,
+    handle_errors,
+    parse_date,
+    settings,
+    table,
+)
 from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, MismatchCase, MismatchEvent
+from worker.fields import CASE_FIELDS
 from worker.metrics import OPERATOR_ACTIONS
 from worker.text import spreadsheet_cell
 
-# The JSON/CSV columns of PRODUCT.md §7, in this order.
-FIELDS = (
-    "id",
-    "openid",
-    "zone_id",
-    "check",
-    "status",
-    "midas_value",
-    "ledger_value",
-    "delta",
-    "first_seen_at",
-    "last_seen_at",
-)
 STATUS_CHOICES = ("open", "all", *CASE_STATUSES)
 
 
@@ -45,13 +42,9 @@ STATUS_CHOICES = ("open", "all", *CASE_STATUSES)
     show_default=True,
     help="Which cases: open (suspected, confirmed, acknowledged), all, or one status.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-    help="json: a list of objects; csv: with a header row. Timestamps are UTC ISO 8601.",
+@format_option(
+    "json: a list of objects; csv: with a header row. Timestamps are UTC ISO 8601.",
+    choices=["table", "json", "csv"],
 )
 @click.option("--check", "check_name", metavar="NAME", help="Only this check (e.g. balance).")
 @click.option("--zone-id", help="Only this zone.")
@@ -128,19 +121,12 @@ def mismatches(
     elif not rows:
         click.echo(f"no mismatch cases ({status})")
     else:
-        click.echo(_table(FIELDS, [[_text(r[f]) for f in FIELDS] for r in rows]))
+        click.echo(table(CASE_FIELDS, [[_text(r[f]) for f in CASE_FIELDS] for r in rows]))
 
 
 @mismatches.command("show")
 @click.argument("case_id", metavar="ID", type=int)
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="json: the case's fields plus an `events` list.",
-)
+@format_option("json: the case's fields plus an `events` list.")
 @handle_errors
 def show(case_id: int, fmt: str) -> None:
     """Show case ID and its event history.
@@ -160,12 +146,12 @@ def show(case_id: int, fmt: str) -> None:
     if fmt == "json":
         click.echo(json.dumps(_jsonable({**row, "events": events}), indent=2))
         return
-    for name in FIELDS:
+    for name in CASE_FIELDS:
         click.echo(f"{name:>13}  {_text(row[name])}")
     click.echo("")
     columns = ("at", "actor", "from", "to", "midas", "ledger", "snapshot", "run", "note")
     click.echo(
-        _table(
+        table(
             columns,
             [
                 [
@@ -260,7 +246,7 @@ def _os_user() -> str:
 
 
 def _case_row(case: MismatchCase) -> dict[str, Any]:
-    return {name: getattr(case, name) for name in FIELDS}
+    return {name: getattr(case, name) for name in CASE_FIELDS}
 
 
 def _event_row(event: MismatchEvent) -> dict[str, Any]:
@@ -293,16 +279,9 @@ def _text(value: Any) -> str:
 def _csv(rows: list[dict[str, Any]]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(FIELDS)
+    writer.writerow(CASE_FIELDS)
     for row in rows:
         writer.writerow(
-            ["" if row[f] is None else spreadsheet_cell(_jsonable(row[f])) for f in FIELDS]
+            ["" if row[f] is None else spreadsheet_cell(_jsonable(row[f])) for f in CASE_FIELDS]
         )
     return out.getvalue()
-
-
-def _table(header: Sequence[str], rows: list[list[str]]) -> str:
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)

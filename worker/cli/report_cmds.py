@@ -10,7 +10,15 @@ from pathlib import Path
 import click
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
-from worker.cli.base import JobFailed, UsageError, cli, handle_errors, parse_date, settings
+from worker.cli.base import (
+    JobFailed,
+    UsageError,
+    cli,
+    format_option,
+    handle_errors,
+    parse_date,
+    settings,
+)
 from worker.reports.render import FORMATS
 
 
@@ -28,13 +36,9 @@ def report() -> None:
     "over). Its nightly run must have finished (complete, or incomplete with its errors).",
 )
 @click.option("--zone-id", help="Only this zone (default: every zone and a total).")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="table",
-    show_default=True,
-    help="table for the terminal, csv for a spreadsheet, json for programs, html with charts.",
+@format_option(
+    "table for the terminal, csv for a spreadsheet, json for programs, html with charts.",
+    choices=FORMATS,
 )
 @click.option(
     "--output",

@@ -23,29 +23,17 @@ from worker.cli.base import (
     broker,
     cli,
     database_errors,
+    format_option,
     handle_errors,
+    limit_option,
     parse_date,
     settings,
+    table,
 )
-from worker.cli.mismatch_cmds import _table
 from worker.config import Settings
 from worker.db.models import RUN_KINDS, Run
+from worker.fields import RUN_FIELDS
 
-RUN_FIELDS = (
-    "id",
-    "business_date",
-    "kind",
-    "trigger",
-    "status",
-    "planned",
-    "ok",
-    "unobservable",
-    "error",
-    "mismatches_opened",
-    "started_at",
-    "finished_at",
-    "failure_reason",
-)
 TABLE_FIELDS = RUN_FIELDS[:-1]
 # --wait: a run that moved nothing for this long is probably missing its workers.
 STALL_HINT_S = 60.0
@@ -265,21 +253,8 @@ def _duration(seconds: float) -> str:
 
 
 @cli.command("runs")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="json: a list of objects (timestamps UTC ISO 8601).",
-)
-@click.option(
-    "--limit",
-    type=click.IntRange(1, 1000),
-    default=20,
-    show_default=True,
-    help="How many runs, newest first.",
-)
+@format_option("json: a list of objects (timestamps UTC ISO 8601).")
+@limit_option(20, most=1000, help="How many runs, newest first.")
 @click.option(
     "--kind",
     type=click.Choice([*RUN_KINDS, "all"]),
@@ -307,7 +282,7 @@ def runs_cmd(fmt: str, limit: int, kind: str) -> None:
     elif not rows:
         click.echo("no runs yet")
     else:
-        click.echo(_table(TABLE_FIELDS, [[_cell(r[f]) for f in TABLE_FIELDS] for r in rows]))
+        click.echo(table(TABLE_FIELDS, [[_cell(r[f]) for f in TABLE_FIELDS] for r in rows]))
 
 
 def _run_row(run: Run) -> dict[str, Any]:

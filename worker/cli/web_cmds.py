@@ -10,8 +10,16 @@ import sys
 import click
 
 from worker import business_calendar as clock
-from worker.cli.base import UsageError, cli, database_errors, handle_errors, settings
-from worker.cli.mismatch_cmds import _table
+from worker.cli.base import (
+    UsageError,
+    cli,
+    database_errors,
+    format_option,
+    handle_errors,
+    limit_option,
+    settings,
+    table,
+)
 
 
 @cli.command("web")
@@ -71,7 +79,7 @@ def operators_add(name: str) -> None:
 
 
 @operators.command("list")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@format_option("json: one object per operator.")
 @handle_errors
 def operators_list(fmt: str) -> None:
     """Every operator: name, created, last login, disabled."""
@@ -95,7 +103,7 @@ def operators_list(fmt: str) -> None:
         click.echo("no operators yet: midas-recon operators add NAME")
     else:
         header = ("name", "created_at", "last_login_at", "disabled_at")
-        click.echo(_table(header, [[d[h] or "-" for h in header] for d in data]))
+        click.echo(table(header, [[d[h] or "-" for h in header] for d in data]))
 
 
 @operators.command("disable")
@@ -134,21 +142,8 @@ def _read_password() -> str:
 @cli.command("account")
 @click.argument("openid")
 @click.option("--zone-id", default="1", show_default=True, help="The account's zone.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="json: the console's /api/accounts document.",
-)
-@click.option(
-    "--limit",
-    type=click.IntRange(1, 5000),
-    default=400,
-    show_default=True,
-    help="Newest snapshots to show.",
-)
+@format_option("json: the console's /api/accounts document.")
+@limit_option(400, most=5000, help="Newest snapshots to show.")
 @handle_errors
 def account_cmd(openid: str, zone_id: str, fmt: str, limit: int) -> None:
     """One account's history: login state, every snapshot against the ledger's running sums
@@ -185,7 +180,7 @@ def account_cmd(openid: str, zone_id: str, fmt: str, limit: int) -> None:
                 cells = ["-"] * len(doc["checks"])
             status = f["status"] if f["errcode"] is None else f"{f['status']} ({f['errcode']})"
             rows.append([f["fetched_at"], str(f["run_id"]), status, *cells])
-        click.echo(_table(header, rows))
+        click.echo(table(header, rows))
         if doc["truncated"]:
             click.echo(f"(older snapshots exist; --limit {limit} shown)")
     click.echo("")

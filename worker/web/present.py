@@ -9,22 +9,10 @@ from typing import Any
 
 from worker.db.models import BalanceSnapshot, LedgerEntry, MismatchCase, MismatchEvent, Run
 from worker.db.snapshots import VALUE_FIELDS
+from worker.fields import CASE_FIELDS, RUN_FIELDS
 from worker.recon.console import AccountHistory, CasePage
 from worker.recon.runs import RunProgress
 
-# PRODUCT.md §7's `mismatches` JSON, in this order.
-CASE_FIELDS = (
-    "id",
-    "openid",
-    "zone_id",
-    "check",
-    "status",
-    "midas_value",
-    "ledger_value",
-    "delta",
-    "first_seen_at",
-    "last_seen_at",
-)
 EVENT_FIELDS = (
     "at",
     "actor",
@@ -35,21 +23,6 @@ EVENT_FIELDS = (
     "snapshot_id",
     "run_id",
     "note",
-)
-RUN_FIELDS = (
-    "id",
-    "business_date",
-    "kind",
-    "trigger",
-    "status",
-    "planned",
-    "ok",
-    "unobservable",
-    "error",
-    "mismatches_opened",
-    "started_at",
-    "finished_at",
-    "failure_reason",
 )
 SNAPSHOT_FIELDS = ("id", "run_id", "fetched_at", "status", "errcode", "errmsg", *VALUE_FIELDS)
 LEDGER_FIELDS = ("bill_no", "kind", "amount", "occurred_at")
