@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,28 +29,44 @@ def _admin_engine():  # type: ignore[no-untyped-def]
     return create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A fresh database for this test session, at the head migration."""
+@contextmanager
+def throwaway_database(prefix: str) -> Iterator[str]:
+    """A new, empty Postgres database named `prefix_<random>`, dropped afterwards (even with
+    connections left open). The one way tests make a database; an unreachable server fails
+    the test loudly, never skips it."""
     admin = _admin_engine()
-    name = f"midas_recon_test_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         with admin.connect() as conn:
             conn.execute(text(f'CREATE DATABASE "{name}"'))
     except Exception as exc:
         pytest.fail(f"Postgres is not reachable at {PG_ADMIN_URL}: {exc}", pytrace=False)
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    from worker.db.migrate import upgrade
+    try:
+        yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
-    upgrade(url)
-    yield url
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A fresh database for this test session, at the head migration."""
+    from worker.db.migrate import upgrade
     from worker.db.session import engine_for
 
-    engine_for(url).dispose()
-    engine_for.cache_clear()
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with throwaway_database("midas_recon_test") as url:
+        upgrade(url)
+        yield url
+        engine_for(url).dispose()
+        engine_for.cache_clear()
+
+
+@pytest.fixture
+def scratch_pg_url() -> Iterator[str]:
+    """An empty database of its own (no migration), for tests that migrate it themselves."""
+    with throwaway_database("midas_recon_scratch") as url:
+        yield url
 
 
 @pytest.fixture

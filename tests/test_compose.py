@@ -17,7 +17,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,8 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_ADMIN_URL, ROOT
+from tests.conftest import ROOT
 
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES: dict[str, Any] = COMPOSE["services"]
@@ -405,19 +402,6 @@ def test_celery_app_has_the_queues() -> None:
 
 
 @pytest.fixture
-def scratch_pg() -> Iterator[str]:
-    """An empty Postgres database, as the compose `postgres` service starts."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"midas_recon_compose_{uuid.uuid4().hex[:8]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
-
-
-@pytest.fixture
 def secret_files(tmp_path: Path) -> dict[str, str]:
     return dev_secrets(tmp_path / "secrets")
 
@@ -465,16 +449,16 @@ def run_env(name: str, secrets: dict[str, str], tmp: Path, **overrides: str) -> 
 
 @pytest.mark.integration
 def test_migrate_runs_and_is_safe_to_run_again(
-    scratch_pg: str, secret_files: dict[str, str], tmp_path: Path
+    scratch_pg_url: str, secret_files: dict[str, str], tmp_path: Path
 ) -> None:
     from worker.db.migrate import current, head
 
-    env = run_env("migrate", secret_files, tmp_path, DATABASE_URL=scratch_pg)
+    env = run_env("migrate", secret_files, tmp_path, DATABASE_URL=scratch_pg_url)
     first = subprocess.run(
         executable(command("migrate")), env=env, capture_output=True, text=True, timeout=120
     )
     assert first.returncode == 0, first.stderr
-    assert current(scratch_pg) == head()
+    assert current(scratch_pg_url) == head()
     again = subprocess.run(
         executable(command("migrate")), env=env, capture_output=True, text=True, timeout=120
     )

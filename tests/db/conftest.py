@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from cryptography.fernet import Fernet
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
-from tests.conftest import PG_ADMIN_URL
 from worker.db.crypto import SessionKeyCipher
 
 
@@ -21,22 +17,6 @@ def any_db_url(request: pytest.FixtureRequest) -> str:
     name = "db_url" if request.param == "postgresql" else "sqlite_url"
     url: str = request.getfixturevalue(name)
     return url
-
-
-@pytest.fixture
-def scratch_pg_url() -> Iterator[str]:
-    """An empty Postgres database of its own, for tests that migrate up and down."""
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    name = f"midas_recon_scratch_{uuid.uuid4().hex[:10]}"
-    try:
-        with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"'))
-    except Exception as exc:
-        pytest.fail(f"Postgres is not reachable at {PG_ADMIN_URL}: {exc}", pytrace=False)
-    yield make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
 
 
 @pytest.fixture
