@@ -10,6 +10,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -99,6 +101,11 @@ class Account(Base):
     # Fernet token of the session_key (never the key in clear); null when none is known.
     session_key_enc: Mapped[str | None] = mapped_column(Text)
     session_key_updated_at: Mapped[dt.datetime | None]
+    # What the nightly planner ranks by (worker.recon.coverage), kept by every stored batch:
+    # last observed ok, last answered at all (ok or unobservable), last found unobservable.
+    last_ok_at: Mapped[dt.datetime | None]
+    last_answer_at: Mapped[dt.datetime | None]
+    last_unobservable_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
 
@@ -155,6 +162,14 @@ class Run(Base):
     error: Mapped[int] = mapped_column(Integer, server_default="0")
     mismatches_opened: Mapped[int] = mapped_column(Integer, server_default="0")
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # A nightly's night: how many accounts it could fetch before `deadline_at`, how many
+    # active accounts it left unobserved (run_deferrals says why), and the coverage it
+    # closed with (worker.recon.coverage).
+    capacity: Mapped[int | None] = mapped_column(Integer)
+    deadline_at: Mapped[dt.datetime | None]
+    deferred: Mapped[int] = mapped_column(Integer, server_default="0")
+    coverage_verdict: Mapped[str | None] = mapped_column(String(16))
+    coverage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
@@ -176,6 +191,24 @@ class RunItem(Base):
     claimed_at: Mapped[dt.datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(16))  # the snapshot status once done
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Why a nightly planned it (worker.recon.coverage.TIERS); null for rechecks and confirms.
+    tier: Mapped[int | None] = mapped_column(SmallInteger)
+
+
+class RunDeferral(Base):
+    """Active accounts a nightly did not observe, by reason and tier (never silently dropped).
+
+    `capacity`: they did not fit the night (no item row: the active accounts without an item
+    in the run); `deadline`: planned, left at the deadline; `superseded`: planned, left when
+    the next night closed the run. The last two are items with outcome `deferred`.
+    """
+
+    __tablename__ = "run_deferrals"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tier: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    accounts: Mapped[int] = mapped_column(Integer)
 
 
 class BalanceSnapshot(Base):
