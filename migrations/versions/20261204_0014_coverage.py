@@ -8,7 +8,8 @@ Create Date: 2026-12-04
   observed ok, last answered at all (ok or unobservable), last found unobservable. The
   nightly planner ranks accounts by them without reading `balance_snapshots`; they are
   filled here from the snapshots an install already has.
-- `run_items.tier`: why a nightly planned the account (0 moved, 1 open case, 2 never seen
+- `run_items.tier` (and the last key of `ix_run_items_run_state`, so claims take the riskiest
+  pending items first): why a nightly planned the account (0 moved, 1 open case, 2 never seen
   or session renewed, 3 rotation); items left at the deadline, or when the next night
   closed the run, end `done` with outcome `deferred` (no new state: SQLite would have to
   copy the table, and the views that read it, to change a CHECK).
@@ -51,6 +52,9 @@ def upgrade() -> None:
     op.add_column("accounts", sa.Column("last_answer_at", TS, nullable=True))
     op.add_column("accounts", sa.Column("last_unobservable_at", TS, nullable=True))
     op.add_column("run_items", sa.Column("tier", sa.SmallInteger(), nullable=True))
+    # Claims take pending items by tier: the (run_id, state) index gains it as its last key.
+    op.drop_index("ix_run_items_run_state", table_name="run_items")
+    op.create_index("ix_run_items_run_state", "run_items", ["run_id", "state", "tier"])
     op.add_column("runs", sa.Column("capacity", sa.Integer(), nullable=True))
     op.add_column("runs", sa.Column("deadline_at", TS, nullable=True))
     op.add_column("runs", sa.Column("deferred", sa.Integer(), server_default="0", nullable=False))
@@ -76,6 +80,8 @@ def downgrade() -> None:
     op.drop_table("run_deferrals")
     for column in ("coverage", "coverage_verdict", "deferred", "deadline_at", "capacity"):
         op.execute(f"ALTER TABLE runs DROP COLUMN {column}")
+    op.drop_index("ix_run_items_run_state", table_name="run_items")
+    op.create_index("ix_run_items_run_state", "run_items", ["run_id", "state"])
     op.execute("ALTER TABLE run_items DROP COLUMN tier")
     for column in ("last_unobservable_at", "last_answer_at", "last_ok_at"):
         op.execute(f"ALTER TABLE accounts DROP COLUMN {column}")

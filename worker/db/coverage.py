@@ -54,14 +54,25 @@ def _active(active_since: dt.datetime) -> ColumnElement[bool]:
     return func.coalesce(_accounts.c.last_active_at, _accounts.c.created_at) >= active_since
 
 
-def tier_of() -> ColumnElement[int]:
-    """An account's tier, from its own row and an index probe into the ledger and the cases."""
+def tier_of(previous_night: dt.datetime | None) -> ColumnElement[int]:
+    """An account's tier, from its own row and an index probe into the ledger and the cases.
+
+    Movement is ledger rows since the account was last observed ok; for one never observed
+    ok, since it last answered (unobservable), or else since the previous nightly was
+    planned: its older history is what every unseen account has, and ranking on it would
+    put all of them first.
+    """
     a = _accounts.c
+    since = func.coalesce(a.last_ok_at, a.last_answer_at)
+    if previous_night is not None:
+        since = func.coalesce(
+            a.last_ok_at, a.last_answer_at, literal(previous_night, a.last_ok_at.type)
+        )
     moved = exists().where(
         _ledger.c.openid == a.openid,
         _ledger.c.zone_id == a.zone_id,
-        # Never observed ok: every ledger row is movement since.
-        or_(a.last_ok_at.is_(None), _ledger.c.occurred_at > a.last_ok_at),
+        # With no reference at all (never answered, no night before): every row is new.
+        or_(since.is_(None), _ledger.c.occurred_at > since),
     )
     open_case = exists().where(
         _cases.c.openid == a.openid,
@@ -83,14 +94,19 @@ def tier_of() -> ColumnElement[int]:
 
 
 def plan_by_risk(
-    session: Session, run_id: int, *, active_since: dt.datetime, capacity: int
+    session: Session,
+    run_id: int,
+    *,
+    active_since: dt.datetime,
+    capacity: int,
+    previous_night: dt.datetime | None,
 ) -> dict[int, tuple[int, int]]:
     """Items for the `capacity` riskiest active accounts; {tier: (active, planned)}.
 
     Within a tier, the account answered longest ago (never first) goes first, so the rotation
     reaches every account in turn.
     """
-    tier = tier_of().label("tier")
+    tier = tier_of(previous_night).label("tier")
     ranked = (
         select(_accounts.c.id.label("account_id"), tier, _accounts.c.last_answer_at)
         .where(_active(active_since))
@@ -115,6 +131,13 @@ def plan_by_risk(
         )
     }
     return {t: (n, planned.get(t, 0)) for t, n in active.items()}
+
+
+def previous_night_start(session: Session, run_id: int) -> dt.datetime | None:
+    """When the latest other nightly began fetching."""
+    return session.execute(
+        select(func.max(_runs.c.started_at)).where(_runs.c.kind == "nightly", _runs.c.id != run_id)
+    ).scalar_one_or_none()
 
 
 def set_night(session: Session, run_id: int, *, capacity: int, deadline_at: dt.datetime) -> None:
@@ -177,14 +200,14 @@ def add_deferrals(session: Session, run_id: int, reason: str, by_tier: dict[int,
 
 def defer_pending(session: Session, run_id: int) -> dict[int, int]:
     """Pending items of a run end `done` with outcome `deferred`; {tier: count}."""
-    counts = {
-        int(t): int(n)
-        for t, n in session.execute(
-            select(func.coalesce(_items.c.tier, ROTATION), func.count())
-            .where(_items.c.run_id == run_id, _items.c.state == "pending")
-            .group_by(func.coalesce(_items.c.tier, ROTATION))
-        )
-    }
+    counts: dict[int, int] = {}
+    for tier, n in session.execute(
+        select(_items.c.tier, func.count())
+        .where(_items.c.run_id == run_id, _items.c.state == "pending")
+        .group_by(_items.c.tier)
+    ):
+        key = ROTATION if tier is None else int(tier)
+        counts[key] = counts.get(key, 0) + int(n)
     if counts:
         session.execute(
             update(_items)

@@ -181,7 +181,9 @@ class RunItem(Base):
     __tablename__ = "run_items"
     __table_args__ = (
         CheckConstraint(_in("state", ITEM_STATES), name="state"),
-        Index("ix_run_items_run_state", "run_id", "state"),
+        # Claims take a run's pending items in tier order (the riskiest first, so a night
+        # cut short by its deadline has spent itself on them): the index hands them so.
+        Index("ix_run_items_run_state", "run_id", "state", "tier"),
     )
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)

@@ -250,10 +250,12 @@ def take_back_stale(session: Session, run_id: int, *, claimed_before: dt.datetim
 
 
 def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.datetime) -> list[int]:
-    """Claim up to `limit` pending items; concurrent claimers skip each other's rows."""
+    """Claim up to `limit` pending items, the riskiest tier first (a nightly cut short by its
+    deadline has spent itself on them); concurrent claimers skip each other's rows."""
     chosen = (
         select(_items.c.account_id)
         .where(_items.c.run_id == run_id, _items.c.state == "pending")
+        .order_by(_items.c.tier)  # the (run_id, state, tier) index: no sort
         .limit(limit)
         .with_for_update(skip_locked=True)  # Postgres; SQLite has one writer anyway
     )

@@ -6,7 +6,8 @@ Midas' rate is the worker's physical limit. At planning a nightly computes its c
 rechecks and confirms, RECON_FAST_LANE_SHARE, over the window to RECON_NIGHTLY_DEADLINE) and
 plans the riskiest accounts first:
 
-0. moved: ledger rows since the account was last observed ok (or ever, if never);
+0. moved: ledger rows since the account was last observed ok (never observed: since it last
+   answered, or since the previous nightly was planned);
 1. open case: a suspected, confirmed or acknowledged difference;
 2. unseen: never answered, or unobservable when last asked and logged in since;
 3. rotation: the rest, the one answered longest ago first.
@@ -72,7 +73,13 @@ def plan_night(
     start, deadline = settings.calendar.night_window(day, now)
     capacity = nightly_capacity(settings, clock.age_s(start, deadline))
     active_since = clock.days_before(now, settings.RECON_ACTIVE_DAYS)
-    tiers = repo.plan_by_risk(session, run_id, active_since=active_since, capacity=capacity)
+    tiers = repo.plan_by_risk(
+        session,
+        run_id,
+        active_since=active_since,
+        capacity=capacity,
+        previous_night=repo.previous_night_start(session, run_id),
+    )
     repo.set_night(session, run_id, capacity=capacity, deadline_at=deadline)
     deferred = repo.add_deferrals(
         session, run_id, "capacity", {t: a - p for t, (a, p) in tiers.items()}
