@@ -44,6 +44,8 @@ from worker.db.session import session_scope
 from worker.midas.limiter import make_limiter
 from worker.recon import coverage, rechecks, runs
 from worker.recon.fetch import RetryPolicy
+from worker.reports.render import render
+from worker.reports.statement import as_dict, build_statement
 from worker.simulator import SimConfig, Simulator
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -358,3 +360,18 @@ def test_ten_nights_that_do_not_hold_every_account(
     assert report["never_observed"] == 0
     # The first nights could not yet have seen everyone: behind, never impossible.
     assert n.run(n.nightly_runs[1]).coverage_verdict == coverage.BEHIND
+
+    # -- and the statement says it, each figure with its window --------------------------
+    with n.db() as session:
+        st = build_statement(session, DAY0 + dt.timedelta(days=11), calendar=n.settings.calendar)
+    assert st.run.coverage == report and st.run.capacity == final.capacity
+    text = render(st, "table")
+    assert "covered; of" in text and "observed ok in the last 1 / 7 / 30 days" in text
+    assert "100.0% / 100.0%" in text  # 7 and 30 days
+    assert f"{report['moved']['observed']} observed ok tonight, 0 not" in text
+    assert as_dict(st)["run"]["coverage"]["observed_share"]["7d"] == 1.0
+    with n.db() as session:
+        six = build_statement(session, DAY0 + dt.timedelta(days=6), calendar=n.settings.calendar)
+    assert six.run.coverage is not None
+    superseded = six.run.coverage["deferred"]["superseded"]
+    assert f"superseded {superseded}" in render(six, "table")

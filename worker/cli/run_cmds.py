@@ -42,8 +42,12 @@ RUN_FIELDS = (
     "unobservable",
     "error",
     "mismatches_opened",
+    "capacity",
+    "deferred",
+    "coverage_verdict",
     "started_at",
     "finished_at",
+    "note",
     "failure_reason",
 )
 TABLE_FIELDS = RUN_FIELDS[:-1]
@@ -118,7 +122,19 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
         f"run #{started.run_id} for {started.business_date}: {verb}, "
         f"{started.planned} accounts planned, {started.status}"
     )
-    if started.status == "running":
+    if started.closed:
+        click.echo(
+            f"one night at a time: closed the unfinished nightly run "
+            f"{', '.join(f'#{i}' for i in started.closed)}; its accounts not yet fetched are "
+            "deferred (tonight's plan ranks them by risk)"
+        )
+    if started.waiting_for:
+        click.echo(
+            f"run #{started.run_id} waits for run "
+            f"{', '.join(f'#{i}' for i in started.waiting_for)} to store its batches in "
+            "flight, then plans"
+        )
+    if started.status in ("running", "planning"):
         broker(lambda tasks: tasks.request_pump(started.run_id))
     if wait:
         final = _watch(s, started.run_id, timeout=timeout)
@@ -164,6 +180,14 @@ def _conclude(run: Run) -> None:
         f"ok {run.ok}, unobservable {run.unobservable}, error {run.error}, "
         f"mismatches opened {run.mismatches_opened}"
     )
+    if run.kind == "nightly" and run.capacity is not None:
+        summary += (
+            f"; capacity {run.capacity}, deferred {run.deferred}, "
+            f"coverage {run.coverage_verdict or '-'}"
+        )
+        note = (run.coverage or {}).get("note")
+        if note:
+            summary += f" ({note})"
     if run.status == "complete":
         click.echo(summary)
         return
@@ -313,6 +337,9 @@ def runs_cmd(fmt: str, limit: int, kind: str) -> None:
 def _run_row(run: Run) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for name in RUN_FIELDS:
+        if name == "note":
+            row[name] = _note(run)
+            continue
         value = getattr(run, name)
         if isinstance(value, dt.datetime):
             value = value.astimezone(dt.UTC).isoformat()
@@ -320,6 +347,16 @@ def _run_row(run: Run) -> dict[str, Any]:
             value = value.isoformat()
         row[name] = value
     return row
+
+
+def _note(run: Run) -> str | None:
+    """One night at a time, said: a nightly waiting for the one before, or closed by the next."""
+    closed_by = (run.coverage or {}).get("closed_by_run_id")
+    if closed_by is not None:
+        return f"closed by #{closed_by}"
+    if run.kind == "nightly" and run.status == "planning":
+        return "waiting for the night before"
+    return None
 
 
 def _cell(value: Any) -> str:

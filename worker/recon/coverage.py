@@ -170,6 +170,9 @@ def close_coverage(
         for name, at in obs.oldest.items()
     }
     overdue = obs.active - obs.answered
+    deferred: dict[str, int] = {}
+    for reason, _, n in repo.deferrals(session, run_id):
+        deferred[reason] = deferred.get(reason, 0) + n
     coverage.update(
         {
             "at": now.isoformat(),
@@ -181,6 +184,7 @@ def close_coverage(
             "oldest_age_s": ages,
             "moved": {"accounts": moved, "observed": moved_ok, "not_observed": moved - moved_ok},
             "not_answered_within_days": {"days": days, "accounts": overdue},
+            "deferred": deferred,  # by reason: capacity, deadline, superseded
         }
     )
     if moved == moved_ok and overdue == 0:
