@@ -119,8 +119,10 @@ def _night(client: redis.Redis, env: dict[str, str], day: dt.date, stages: Any) 
             api_version="v1",
             checks=checks_from_settings(settings),
             settle_seconds=settings.RECON_SETTLE_SECONDS,
+            skew=settings.calendar.skew,
             threads=1,
             deadline_s=batch_deadline_s(settings),
+            settings=settings,
         )
         started = time.monotonic()
         tasks.start_nightly.run(business_date=day.isoformat(), trigger="bench")
