@@ -146,6 +146,11 @@ def set_night(session: Session, run_id: int, *, capacity: int, deadline_at: dt.d
     )
 
 
+def set_deadline(session: Session, run_id: int, at: dt.datetime) -> None:
+    """A new deadline (a failed night resumed gets a new night)."""
+    session.execute(update(_runs).where(_runs.c.id == run_id).values(deadline_at=at))
+
+
 def cut_deadline(session: Session, run_id: int, at: dt.datetime) -> None:
     """The run stops claiming from `at` (the next night began): no later than its own."""
     session.execute(

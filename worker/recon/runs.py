@@ -199,14 +199,25 @@ def start_nightly(
     existing = repo.nightly_run_id(session, day)
     assert existing is not None  # the conflict says it exists, and runs are never deleted
     resumed = None
+    busy: list[int] = []
     if resume_failed:
-        resumed = repo.resume_failed(session, existing)
+        # One night at a time: a failed night resumes only when no other is open (an
+        # operator's resume must not close tonight's run); it says which one to wait for.
+        repo.serialize_nightly_planning(session)
+        busy = [i for i, _ in cov_repo.other_open_nightlies(session, existing)]
+        resumed = None if busy else repo.resume_failed(session, existing)
         if resumed is not None:
             repo.release_all_claims(session, existing)
+            # Its old deadline has passed: it gets a night from now, as a late start does.
+            _, deadline = calendar.night_window(day, now)
+            cov_repo.set_deadline(session, existing, deadline)
             log.info("run_resumed", extra={"run_id": existing, "previous_reason": resumed})
     run = _require(session, existing)
     counts = repo.item_counts(session, existing)
-    return StartResult(existing, day, False, run.status, counts.planned, resumed)
+    blocked = tuple(busy) if run.status == "failed" else ()
+    return StartResult(
+        existing, day, False, run.status, counts.planned, resumed, waiting_for=blocked
+    )
 
 
 def take_the_night(
