@@ -80,7 +80,7 @@ def _seed(url: str, n: int, *, steady: bool, now: dt.datetime) -> float:
         conn.execute(text(SEED_LEDGER), args)
         conn.execute(text(SEED_CASES), args)
         if steady:
-            conn.execute(text(MOVE), {"n": n, "day": 0, "at": now - dt.timedelta(hours=2)})
+            conn.execute(text(MOVE), {"n": n, "day": 0, "at": now - dt.timedelta(minutes=30)})
     engine.dispose()
     vacuum_analyze(url)
     return round(time.monotonic() - started, 1)
