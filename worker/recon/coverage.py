@@ -101,6 +101,8 @@ def plan_night(
         log.warning("coverage_impossible", extra={"run_id": run_id, "note": note})
     plan = {
         "capacity": capacity,
+        # The rate the plan leaves to rechecks and confirm passes (their fast lane).
+        "fast_lane_share": settings.RECON_FAST_LANE_SHARE,
         "window_start": start.isoformat(),
         "deadline_at": deadline.isoformat(),
         "active_since": active_since.isoformat(),
