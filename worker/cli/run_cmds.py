@@ -128,7 +128,13 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
             f"{', '.join(f'#{i}' for i in started.closed)}; its accounts not yet fetched are "
             "deferred (tonight's plan ranks them by risk)"
         )
-    if started.waiting_for:
+    if started.waiting_for and started.status == "failed":
+        click.echo(
+            f"run #{started.run_id} stays failed while nightly run "
+            f"{', '.join(f'#{i}' for i in started.waiting_for)} is open (one night at a "
+            "time): resume it once that one has finished"
+        )
+    elif started.waiting_for:
         click.echo(
             f"run #{started.run_id} waits for run "
             f"{', '.join(f'#{i}' for i in started.waiting_for)} to store its batches in "
