@@ -110,6 +110,7 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
     assert planned["tiers"]["moved"]["planned"] == planned["tiers"]["moved"]["active"] == 20
     nights = planning["week"]["nights"]
     assert [n["planned"] for n in nights[:3]] == [895, 895, 895]
-    assert [n["never_observed"] for n in nights[:3]] == [1105, 210, 0]
+    never = [n["never_observed"] for n in nights[:3]]
+    assert never[0] == 1105 and 0 < never[1] < 1105 - 800 and never[2] == 0
     assert all(n["verdict"] == "covered" for n in nights[3:])
     assert all(n["moved"]["not_observed"] == 0 for n in nights[1:])
