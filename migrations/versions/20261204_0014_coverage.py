@@ -61,11 +61,12 @@ def upgrade() -> None:
         # Every item is written three times in a night (pending, claimed, done): at the
         # default 20 % scale factor autovacuum never ran on the table during a 1M-account
         # night, and claims stepped over millions of dead index entries (docs/benchmarks.md
-        # §3). A fixed threshold vacuums and analyzes it every 50,000 changed rows instead.
+        # §3). A fixed threshold vacuums and analyzes it every 50,000 changed rows instead,
+        # without the cost pauses (a vacuum of a few hundred thousand narrow rows is short).
         op.execute(
             "ALTER TABLE run_items SET (autovacuum_vacuum_scale_factor = 0,"
             " autovacuum_vacuum_threshold = 50000, autovacuum_analyze_scale_factor = 0,"
-            " autovacuum_analyze_threshold = 50000)"
+            " autovacuum_analyze_threshold = 50000, autovacuum_vacuum_cost_delay = 0)"
         )
     op.add_column("runs", sa.Column("capacity", sa.Integer(), nullable=True))
     op.add_column("runs", sa.Column("deadline_at", TS, nullable=True))
@@ -93,7 +94,7 @@ def downgrade() -> None:
         op.execute(
             "ALTER TABLE run_items RESET (autovacuum_vacuum_scale_factor,"
             " autovacuum_vacuum_threshold, autovacuum_analyze_scale_factor,"
-            " autovacuum_analyze_threshold)"
+            " autovacuum_analyze_threshold, autovacuum_vacuum_cost_delay)"
         )
     op.drop_table("run_deferrals")
     for column in ("coverage", "coverage_verdict", "deferred", "deadline_at", "capacity"):

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, inspect, select, text
@@ -299,10 +300,19 @@ def test_coverage_migration_fills_the_last_observations_and_keeps_every_row(
         with engine.connect() as conn:
             assert conn.execute(text(counts)).one() == before
             assert conn.execute(text("SELECT COUNT(*) FROM runs WHERE deferred = 0")).scalar() == 2
+            if dialect == "postgres":
+                assert "autovacuum_vacuum_threshold=50000" in _run_items_options(conn)
         migrate.downgrade(url, "20261204_0004")
         with engine.connect() as conn:
             assert conn.execute(text(counts)).one() == before
+            if dialect == "postgres":
+                assert _run_items_options(conn) == []
         migrate.upgrade(url)
         migrate.check(url)
     finally:
         engine.dispose()
+
+
+def _run_items_options(conn: Any) -> list[str]:
+    options = "SELECT reloptions FROM pg_class WHERE relname = 'run_items'"
+    return list(conn.execute(text(options)).scalar() or [])
