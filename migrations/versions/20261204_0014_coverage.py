@@ -58,11 +58,11 @@ def upgrade() -> None:
     op.drop_index("ix_run_items_run_state", table_name="run_items")
     op.create_index("ix_run_items_run_state", "run_items", ["run_id", "state", "tier"])
     if op.get_context().dialect.name == "postgresql":
-        # Every item is written three times in a night (pending, claimed, done): at the
-        # default 20 % scale factor autovacuum never ran on the table during a 1M-account
-        # night, and claims stepped over millions of dead index entries (docs/benchmarks.md
-        # §3). A fixed threshold vacuums and analyzes it every 50,000 changed rows instead,
-        # without the cost pauses (a vacuum of a few hundred thousand narrow rows is short).
+        # Every item is written three times in a night (pending, claimed, done), and claims
+        # step over the dead index entries until a vacuum removes them (docs/benchmarks.md
+        # §3). At the default 20 % scale factor a table of millions waits for hundreds of
+        # thousands of dead rows; a fixed threshold vacuums and analyzes it every 50,000
+        # changed rows, without cost pauses. (Only where autovacuum is on, as by default.)
         op.execute(
             "ALTER TABLE run_items SET (autovacuum_vacuum_scale_factor = 0,"
             " autovacuum_vacuum_threshold = 50000, autovacuum_analyze_scale_factor = 0,"
