@@ -7,7 +7,8 @@ never answered; two older ledger rows each. Timed: the production `start_nightly
 night's fire time (rank every active account, insert the items that fit the capacity, count
 the rest), at the default rate (50/s) and window (02:30 to 08:00).
 
-week: the same planner each night over a game that starts never observed; the fetches are
+week: the same planner each night over a game just imported (never observed, its history
+older than the import, so no movement until the first day); the fetches are
 modelled (a real week of fetches cannot run here): every planned account is observed ok at
 the night's start, and the run is closed by the production `finalize`, which measures the
 coverage. Each day one account in 100 moves (a ledger row at noon). Figures per night: the
@@ -32,12 +33,13 @@ DAY0 = dt.date(2026, 11, 1)
 SEED_ACCOUNTS = """
 INSERT INTO accounts (openid, zone_id, last_active_at, created_at, updated_at,
                       last_ok_at, last_answer_at)
-SELECT 'b' || lpad(a::text, 8, '0'), '1', :now - INTERVAL '1 day', :now - INTERVAL '40 days',
-       :now - INTERVAL '40 days',
+SELECT 'b' || lpad(a::text, 8, '0'), '1', :now - INTERVAL '1 day', created, created,
        seen, seen
 FROM generate_series(1, :n) a,
      LATERAL (SELECT CASE WHEN :steady AND a % 200 <> 0
-                          THEN :now - (a % 7) * INTERVAL '1 day' - INTERVAL '1 hour' END) t(seen)
+                          THEN :now - (a % 7) * INTERVAL '1 day' - INTERVAL '1 hour' END) t(seen),
+     -- steady: accounts of long standing; a new game: imported now, with their history
+     LATERAL (SELECT CASE WHEN :steady THEN :now - INTERVAL '40 days' ELSE :now END) c(created)
 """
 SEED_LEDGER = """
 INSERT INTO ledger_entries (bill_no, openid, zone_id, kind, amount, occurred_at)

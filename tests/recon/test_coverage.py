@@ -193,3 +193,42 @@ def test_a_night_that_cannot_cover_says_so(url: str) -> None:
         assert run.coverage["oldest_age_s"] == {"max": None, "p99": None, "p50": None}
         assert "each is observed at best every 10 days" in run.coverage["note"]
         assert run.deferred == 27
+
+
+def test_a_mover_never_answered_stays_a_mover_after_a_night_that_deferred_it(url: str) -> None:
+    old = NOW - 10 * 24 * H
+    with session_scope(url) as session:
+        # Imported ten days ago with history from before: not movement.
+        session.add(Account(openid="imported", zone_id="1", last_active_at=NOW - H, created_at=old))
+        # Paid two days ago, before last night began, and never asked since (deferred).
+        session.add(Account(openid="deferred", zone_id="1", last_active_at=NOW - H, created_at=old))
+        # Created by its first payment, whose ledger row is a moment older than the account.
+        session.add(
+            Account(openid="first", zone_id="1", last_active_at=NOW - H, created_at=NOW - H)
+        )
+        for n, (who, at) in enumerate(
+            [("imported", old - H), ("deferred", NOW - 48 * H), ("first", NOW - H - H / 60)]
+        ):
+            session.add(
+                LedgerEntry(
+                    bill_no=f"m{n}", openid=who, zone_id="1", kind="save", amount=5, occurred_at=at
+                )
+            )
+        last_night = run_repo.insert_nightly_run(
+            session, DAY - dt.timedelta(days=1), trigger="beat", api_version="v1", now=NOW - 24 * H
+        )
+        assert last_night is not None
+        run_repo.mark_running(session, last_night, planned=0, now=NOW - 24 * H)
+        run_id = run_repo.insert_nightly_run(
+            session, DAY, trigger="beat", api_version="v1", now=NOW
+        )
+        assert run_id is not None
+        coverage.plan_night(session, settings(url, "0.0200"), run_id, DAY, NOW)  # type: ignore[arg-type]
+        tiers = dict(
+            session.execute(
+                select(Account.openid, RunItem.tier)
+                .join(RunItem, RunItem.account_id == Account.id)
+                .where(RunItem.run_id == run_id)
+            ).all()
+        )
+    assert tiers == {"deferred": 0, "first": 0, "imported": 2}

@@ -57,22 +57,22 @@ def _active(active_since: dt.datetime) -> ColumnElement[bool]:
 def tier_of(previous_night: dt.datetime | None) -> ColumnElement[int]:
     """An account's tier, from its own row and an index probe into the ledger and the cases.
 
-    Movement is ledger rows since the account was last observed ok; for one never observed
-    ok, since it last answered (unobservable), or else since the previous nightly was
-    planned: its older history is what every unseen account has, and ranking on it would
-    put all of them first.
+    Movement is ledger rows since the account was last observed ok (or, never observed ok,
+    since it last answered). For an account never answered: rows since it was created or
+    since the previous nightly began, whichever is earlier. Not its whole history, which
+    every newly imported account has and which would put all of them first; but a mover
+    that a full night deferred stays a mover the night after.
     """
     a = _accounts.c
-    since = func.coalesce(a.last_ok_at, a.last_answer_at)
+    never_since: ColumnElement[dt.datetime] = a.created_at
     if previous_night is not None:
-        since = func.coalesce(
-            a.last_ok_at, a.last_answer_at, literal(previous_night, a.last_ok_at.type)
-        )
+        night = literal(previous_night, a.created_at.type)
+        never_since = case((a.created_at < night, a.created_at), else_=night)
+    since = func.coalesce(a.last_ok_at, a.last_answer_at, never_since)
     moved = exists().where(
         _ledger.c.openid == a.openid,
         _ledger.c.zone_id == a.zone_id,
-        # With no reference at all (never answered, no night before): every row is new.
-        or_(since.is_(None), _ledger.c.occurred_at > since),
+        _ledger.c.occurred_at > since,
     )
     open_case = exists().where(
         _cases.c.openid == a.openid,

@@ -7,7 +7,7 @@ rechecks and confirms, RECON_FAST_LANE_SHARE, over the window to RECON_NIGHTLY_D
 plans the riskiest accounts first:
 
 0. moved: ledger rows since the account was last observed ok (never observed: since it last
-   answered, or since the previous nightly was planned);
+   answered; never answered: since it was created or the previous nightly began, the earlier);
 1. open case: a suspected, confirmed or acknowledged difference;
 2. unseen: never answered, or unobservable when last asked and logged in since;
 3. rotation: the rest, the one answered longest ago first.
