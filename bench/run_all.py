@@ -25,6 +25,7 @@ BENCHMARKS = (
     "scale",
     "reports",
     "console",
+    "planning",
 )  # pipeline writes naive too
 
 
@@ -62,8 +63,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--console-accounts", type=int, default=1_000_000, help="console: accounts")
     p.add_argument("--console-cases", type=int, default=100_000, help="console: cases")
     p.add_argument("--console-repeat", type=int, default=30, help="console: calls per URL")
+    p.add_argument(
+        "--plan-sizes",
+        type=_ints,
+        default=[1_000_000, 5_000_000],
+        help="planning: accounts per planned night",
+    )
+    p.add_argument(
+        "--week-accounts", type=int, default=3_000_000, help="planning: the modelled game"
+    )
+    p.add_argument("--plan-rate", type=float, default=50.0, help="planning: MIDAS_RATE_LIMIT")
     args = p.parse_args(argv)
     if args.smoke:
+        # 0.05/s holds 895 accounts a night: the 2,000 take three nights to see.
+        args.plan_sizes, args.week_accounts, args.plan_rate = [2_000], 2_000, 0.05
         args.rates, args.rate_seconds, args.rate_workers = [50.0], 1.5, 2
         args.baseline_concurrency = 2
         args.accounts, args.naive_accounts, args.profile_accounts = 300, 100, 200
@@ -127,6 +140,10 @@ def main(argv: list[str] | None = None) -> None:
                 nights=30 if args.smoke else console.NIGHTS,
                 out=args.out,
             )
+        elif name == "planning":
+            from bench import planning
+
+            planning.main(args.plan_sizes, args.week_accounts, rate=args.plan_rate, out=args.out)
         print(f"== {name}: {time.monotonic() - started:.0f} s ==", flush=True)
 
 

@@ -122,6 +122,7 @@ def _night(client: redis.Redis, env: dict[str, str], day: dt.date, stages: Any) 
             skew=settings.calendar.skew,
             threads=1,
             deadline_s=batch_deadline_s(settings),
+            settings=settings,
         )
         started = time.monotonic()
         tasks.start_nightly.run(business_date=day.isoformat(), trigger="bench")

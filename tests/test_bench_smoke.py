@@ -53,7 +53,9 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
-    assert set(res) == {"rate", "pipeline", "naive", "memory", "scale", "reports", "console"}
+    assert set(res) == {
+        "rate", "pipeline", "naive", "memory", "scale", "reports", "console", "planning",
+    }  # fmt: skip
     for data in res.values():
         assert data["machine"]["nproc"] >= 1 and data["command"].startswith("python -m bench")
 
@@ -99,3 +101,16 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
     reports = res["reports"]["figures"]
     assert reports["snapshots"] == 30 * reports["accounts"]
     assert set(reports["seconds_by_format"]) == {"table", "json", "csv", "html"}
+
+    # Planning: 895 a night over 2,000 accounts; the modelled week sees them all by night 3
+    # and then keeps every one within the week, the movers the night after.
+    planning = res["planning"]["figures"]
+    planned = planning["plan"]["2000"]
+    assert planned["capacity"] == 895 and planned["planned"] + planned["deferred"] == 2000
+    assert planned["tiers"]["moved"]["planned"] == planned["tiers"]["moved"]["active"] == 20
+    nights = planning["week"]["nights"]
+    assert [n["planned"] for n in nights[:3]] == [895, 895, 895]
+    never = [n["never_observed"] for n in nights[:3]]
+    assert never[0] == 1105 and 0 < never[1] < 1105 - 800 and never[2] == 0
+    assert all(n["verdict"] == "covered" for n in nights[3:])
+    assert all(n["moved"]["not_observed"] == 0 for n in nights[1:])

@@ -107,6 +107,20 @@ class BusinessCalendar:
         on = day if self.deadline > self.nightly_at else day + dt.timedelta(days=1)
         return self.local(on, self.deadline)
 
+    def night_window(self, day: dt.date, now: dt.datetime) -> tuple[dt.datetime, dt.datetime]:
+        """The time a nightly of `day` planned at `now` has for fetching: from now (or its
+        fire time, if planned early) to its deadline.
+
+        A start at or after the deadline (a backfill, a night that waited for the one before)
+        gets a night as long as a scheduled one, from now: it must fit somewhere, and the next
+        nightly closes it if it is still running then.
+        """
+        start = max(_aware(now), self.nightly_fire_at(day))
+        deadline = self.nightly_deadline(day)
+        if deadline <= start:
+            deadline = start + (deadline - self.nightly_fire_at(day))
+        return start, deadline
+
     # -- clocks that disagree -----------------------------------------------------------------
 
     def latest_believable(self, now: dt.datetime | None = None) -> dt.datetime:
@@ -118,6 +132,17 @@ class BusinessCalendar:
         """Ledger rows dated after this instant may still be in flight for a fetch made at
         `fetched_at` (the game's clock may be behind or ahead of ours by the skew)."""
         return _aware(fetched_at) - self.skew
+
+
+def days_before(now: dt.datetime, days: float) -> dt.datetime:
+    """The start of the window "the last `days` days" ending at `now` (24-hour days: an
+    account's age of observation does not change with a DST shift)."""
+    return _aware(now) - dt.timedelta(days=days)
+
+
+def age_s(then: dt.datetime, now: dt.datetime) -> float:
+    """Seconds from `then` to `now`."""
+    return (_aware(now) - _aware(then)).total_seconds()
 
 
 def hh_mm(value: str) -> dt.time:

@@ -93,6 +93,12 @@ class Settings(BaseSettings):
     RECON_CLOCK_SKEW_SECONDS: int = Field(120, ge=0, le=3600)
     RECON_SETTLE_SECONDS: int = Field(300, ge=0, le=86_400)
     RECON_ACTIVE_DAYS: int = Field(30, ge=1, le=3650)
+    # Every active account is observed at least this often; the nightly says when the rate
+    # and the window make it impossible (worker/recon/coverage.py).
+    RECON_FULL_COVERAGE_DAYS: int = Field(7, ge=1, le=365)
+    # Share of the rate a nightly leaves to rechecks and the confirm pass (their fast lane):
+    # the night's capacity is planned on the rest.
+    RECON_FAST_LANE_SHARE: float = Field(0.05, ge=0, lt=1)
     # JSON mapping of the comparison checks (worker/recon/rules.py); unset = PRODUCT.md §5.
     RECON_CHECKS: str | None = None
 

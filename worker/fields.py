@@ -27,7 +27,11 @@ RUN_FIELDS = (
     "unobservable",
     "error",
     "mismatches_opened",
+    "capacity",
+    "deferred",
+    "coverage_verdict",
     "started_at",
     "finished_at",
+    "note",
     "failure_reason",
 )

@@ -95,3 +95,36 @@ RATE_LIMIT = Gauge(
     "MIDAS_RATE_LIMIT of the fleet (requests per second), to draw the request rate against.",
     multiprocess_mode="mostrecent",
 )
+
+
+# -- coverage of the nightly (issue 14: worker/recon/coverage.py) ------------------------------
+# Set by the process that plans or closes a nightly; "mostrecent" across processes.
+NIGHTLY_CAPACITY = Gauge(
+    "recon_nightly_capacity_accounts",
+    "Accounts the latest nightly could fetch before its deadline at the rate it may use.",
+    multiprocess_mode="mostrecent",
+)
+NIGHTLY_DEFERRED = Counter(
+    "recon_nightly_deferred_accounts_total",
+    "Active accounts a nightly did not observe, by reason (capacity, deadline, superseded).",
+    ["reason"],
+)
+COVERAGE_OBSERVED_SHARE = Gauge(
+    "recon_coverage_observed_share",
+    "Share of active accounts observed ok in the last 1d/7d/30d, when the latest nightly closed.",
+    ["window"],
+    multiprocess_mode="mostrecent",
+)
+COVERAGE_OLDEST_AGE = Gauge(
+    "recon_coverage_observation_age_seconds",
+    "Age of the last ok observation over active accounts (p50, p99, max; +Inf: never observed),"
+    " when the latest nightly closed.",
+    ["quantile"],
+    multiprocess_mode="mostrecent",
+)
+COVERAGE_MOVED = Gauge(
+    "recon_coverage_moved_accounts",
+    "Accounts with ledger movement the latest nightly planned for, observed ok or not.",
+    ["covered"],
+    multiprocess_mode="mostrecent",
+)

@@ -225,7 +225,7 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
     except FutureDate as exc:
         log.error("nightly_refused", extra={"reason": str(exc)})  # a retry cannot help
         return
-    if started.status == "running":
+    if started.status in ("running", "planning"):  # planning: it waits for the night before
         request_pump(started.run_id)
 
 
@@ -243,11 +243,14 @@ def pump(run_id: int) -> None:
             room=_room,
             size=service.batch_size(rt.settings),
             is_alive=claim_alive(run_id),
+            settings=rt.settings,
         )
     if result.status != "running":
         notify_run_closed(run_id)
     for batch in result.batches:
         dispatch_batch(batch, result.kind)
+    for waiting in result.wake:  # the night before closed: the next one may plan now
+        request_pump(waiting)
 
 
 @project_task("fetch_batch", soft_time_limit=FETCH_SOFT_LIMIT_S, time_limit=FETCH_HARD_LIMIT_S)

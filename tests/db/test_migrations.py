@@ -7,13 +7,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, create_engine, inspect, text
+from sqlalchemy import Engine, create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from worker.db import migrate
-from worker.db.models import Base, MismatchCase, Run
+from worker.db.models import Account, Base, MismatchCase, Run
 from worker.db.session import make_engine, session_scope
 
 pytestmark = pytest.mark.integration
@@ -239,3 +240,79 @@ def test_two_upgrades_at_once_both_succeed_on_postgres(scratch_pg_url: str) -> N
         assert proc.returncode == 0, err.decode()
     assert migrate.current(scratch_pg_url) == migrate.head()
     migrate.check(scratch_pg_url)
+
+
+COVERAGE_SEED = [
+    "INSERT INTO accounts (id, openid, zone_id, created_at, updated_at) VALUES"
+    " (1, 'seen', '1', '2026-11-01 00:00:00+00', '2026-11-01 00:00:00+00'),"
+    " (2, 'expired', '1', '2026-11-01 00:00:00+00', '2026-11-01 00:00:00+00'),"
+    " (3, 'new', '1', '2026-11-01 00:00:00+00', '2026-11-01 00:00:00+00')",
+    "INSERT INTO runs (id, business_date, kind, trigger, status, api_version, created_at)"
+    " VALUES (1, '2026-11-01', 'nightly', 'beat', 'complete', 'v1', '2026-11-01 00:00:00+00'),"
+    " (2, '2026-11-02', 'nightly', 'beat', 'complete', 'v1', '2026-11-02 00:00:00+00')",
+    "INSERT INTO run_items (run_id, account_id, state, outcome) VALUES"
+    " (1, 1, 'done', 'ok'), (1, 2, 'done', 'ok'), (2, 1, 'done', 'ok'),"
+    " (2, 2, 'done', 'unobservable')",
+    "INSERT INTO balance_snapshots (run_id, openid, zone_id, fetched_at, status, balance,"
+    " gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version) VALUES"
+    " (1, 'seen', '1', '2026-11-01 02:30:00+00', 'ok', 1, 0, 1, 1, 0, 0, true, 'v1'),"
+    " (1, 'expired', '1', '2026-11-01 02:31:00+00', 'ok', 1, 0, 1, 1, 0, 0, true, 'v1'),"
+    " (2, 'seen', '1', '2026-11-02 02:30:00+00', 'ok', 2, 0, 2, 2, 0, 0, true, 'v1')",
+    "INSERT INTO balance_snapshots (run_id, openid, zone_id, fetched_at, status, api_version,"
+    " errcode) VALUES (2, 'expired', '1', '2026-11-02 02:31:00+00', 'unobservable', 'v1', 90016)",
+]
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+def test_coverage_migration_fills_the_last_observations_and_keeps_every_row(
+    dialect: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = (
+        str(request.getfixturevalue("scratch_pg_url"))
+        if dialect == "postgres"
+        else f"sqlite:///{tmp_path / 'coverage.db'}"
+    )
+    migrate.upgrade(url, "20261204_0005")
+    engine = make_engine(url)
+    counts = "SELECT (SELECT COUNT(*) FROM accounts), (SELECT COUNT(*) FROM run_items),"
+    counts += " (SELECT COUNT(*) FROM balance_snapshots), (SELECT COUNT(*) FROM runs)"
+    try:
+        with engine.begin() as conn:
+            for sql in COVERAGE_SEED:
+                conn.execute(text(sql.replace("true", "1") if dialect == "sqlite" else sql))
+            before = conn.execute(text(counts)).one()
+        migrate.upgrade(url, "20261204_0006")
+        with session_scope(url) as session:
+            rows = {
+                a.openid: (a.last_ok_at, a.last_answer_at, a.last_unobservable_at)
+                for a in session.execute(select(Account)).scalars()
+            }
+        day = dt.datetime(2026, 11, 2, 2, 30, tzinfo=dt.UTC)
+        assert rows == {
+            "seen": (day, day, None),
+            "expired": (
+                day - dt.timedelta(days=1) + dt.timedelta(minutes=1),
+                day + dt.timedelta(minutes=1),
+                day + dt.timedelta(minutes=1),
+            ),
+            "new": (None, None, None),
+        }
+        with engine.connect() as conn:
+            assert conn.execute(text(counts)).one() == before
+            assert conn.execute(text("SELECT COUNT(*) FROM runs WHERE deferred = 0")).scalar() == 2
+            if dialect == "postgres":
+                assert "autovacuum_vacuum_threshold=50000" in _run_items_options(conn)
+        migrate.downgrade(url, "20261204_0005")
+        with engine.connect() as conn:
+            assert conn.execute(text(counts)).one() == before
+            if dialect == "postgres":
+                assert _run_items_options(conn) == []
+        migrate.upgrade(url)
+        migrate.check(url)
+    finally:
+        engine.dispose()
+
+
+def _run_items_options(conn: Any) -> list[str]:
+    options = "SELECT reloptions FROM pg_class WHERE relname = 'run_items'"
+    return list(conn.execute(text(options)).scalar() or [])

@@ -50,6 +50,10 @@ def test_embedded_run_runs_and_recheck(
     assert FIELDS <= set(row) and row["status"] == "complete" and row["trigger"] == "cli"
     assert row["planned"] == world.planned and row["error"] == 0
     assert row["mismatches_opened"] == len(world.expected_confirmed())
+    # The night held everyone (50/s for 5.5 h) and said how it covered them.
+    assert row["capacity"] > world.planned and row["deferred"] == 0
+    assert row["coverage_verdict"] in ("covered", "behind") and row["note"] is None
+    assert "capacity" in done.output and "deferred 0" in done.output
     table = runner.invoke(cli, ["runs", "--kind", "all"])
     assert table.exit_code == 0 and "nightly" in table.output and "confirm" in table.output
 

@@ -148,6 +148,20 @@ def test_errors_make_a_run_incomplete_and_a_stopper_fails_it(url: str) -> None:
         assert "45009" in (failed.failure_reason or "")
         # Nothing was stored for the stopped accounts; all go back to the plan.
         assert repo.item_counts(session, started.run_id).pending == 6
+        # One night at a time: while another nightly is open the failed one stays failed
+        # and says which one it waits for.
+        other = runs.start_nightly(
+            session, settings, business_date=day + dt.timedelta(days=1), now=NOW
+        )
+        assert other.status == "running"
+        held = runs.start_nightly(session, settings, business_date=day, resume_failed=True, now=NOW)
+        assert held.status == "failed" and held.waiting_for == (other.run_id,)
+    with db() as session:
+        (batch,) = runs.pump(session, other.run_id, room=lambda _k: 1, size=10).batches
+    runs.run_batch(db, deps({o: [BALANCE] for o in openids}), batch.run_id, batch.account_ids,
+                   batch.claim)  # fmt: skip
+    with db() as session:
+        assert runs.pump(session, other.run_id, room=lambda _k: 1, size=10).status == "complete"
         resumed = runs.start_nightly(
             session, settings, business_date=day, resume_failed=True, now=NOW
         )

@@ -106,7 +106,25 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
         f"run #{started.run_id} for {started.business_date}: {verb}, "
         f"{started.planned} accounts planned, {started.status}"
     )
-    if started.status == "running":
+    if started.closed:
+        click.echo(
+            f"one night at a time: closed the unfinished nightly run "
+            f"{', '.join(f'#{i}' for i in started.closed)}; its accounts not yet fetched are "
+            "deferred (tonight's plan ranks them by risk)"
+        )
+    if started.waiting_for and started.status == "failed":
+        click.echo(
+            f"run #{started.run_id} stays failed while nightly run "
+            f"{', '.join(f'#{i}' for i in started.waiting_for)} is open (one night at a "
+            "time): resume it once that one has finished"
+        )
+    elif started.waiting_for:
+        click.echo(
+            f"run #{started.run_id} waits for run "
+            f"{', '.join(f'#{i}' for i in started.waiting_for)} to store its batches in "
+            "flight, then plans"
+        )
+    if started.status in ("running", "planning"):
         broker(lambda tasks: tasks.request_pump(started.run_id))
     if wait:
         final = _watch(s, started.run_id, timeout=timeout)
@@ -152,6 +170,14 @@ def _conclude(run: Run) -> None:
         f"ok {run.ok}, unobservable {run.unobservable}, error {run.error}, "
         f"mismatches opened {run.mismatches_opened}"
     )
+    if run.kind == "nightly" and run.capacity is not None:
+        summary += (
+            f"; capacity {run.capacity}, deferred {run.deferred}, "
+            f"coverage {run.coverage_verdict or '-'}"
+        )
+        note = (run.coverage or {}).get("note")
+        if note:
+            summary += f" ({note})"
     if run.status == "complete":
         click.echo(summary)
         return

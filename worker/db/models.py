@@ -10,6 +10,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -99,6 +101,11 @@ class Account(Base):
     # Fernet token of the session_key (never the key in clear); null when none is known.
     session_key_enc: Mapped[str | None] = mapped_column(Text)
     session_key_updated_at: Mapped[dt.datetime | None]
+    # What the nightly planner ranks by (worker.recon.coverage), kept by every stored batch:
+    # last observed ok, last answered at all (ok or unobservable), last found unobservable.
+    last_ok_at: Mapped[dt.datetime | None]
+    last_answer_at: Mapped[dt.datetime | None]
+    last_unobservable_at: Mapped[dt.datetime | None]
     created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
     updated_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
 
@@ -155,9 +162,28 @@ class Run(Base):
     error: Mapped[int] = mapped_column(Integer, server_default="0")
     mismatches_opened: Mapped[int] = mapped_column(Integer, server_default="0")
     failure_reason: Mapped[str | None] = mapped_column(Text)
+    # A nightly's night: how many accounts it could fetch before `deadline_at`, how many
+    # active accounts it left unobserved (run_deferrals says why), and the coverage it
+    # closed with (worker.recon.coverage).
+    capacity: Mapped[int | None] = mapped_column(Integer)
+    deadline_at: Mapped[dt.datetime | None]
+    deferred: Mapped[int] = mapped_column(Integer, server_default="0")
+    coverage_verdict: Mapped[str | None] = mapped_column(String(16))
+    coverage: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
     started_at: Mapped[dt.datetime | None]
     finished_at: Mapped[dt.datetime | None]
+
+    @property
+    def note(self) -> str | None:
+        """One night at a time, said (`runs`, the console): a nightly waiting for the one
+        before, or closed by the next."""
+        closed_by = (self.coverage or {}).get("closed_by_run_id")
+        if closed_by is not None:
+            return f"closed by #{closed_by}"
+        if self.kind == "nightly" and self.status == "planning":
+            return "waiting for the night before"
+        return None
 
 
 class RunItem(Base):
@@ -166,7 +192,9 @@ class RunItem(Base):
     __tablename__ = "run_items"
     __table_args__ = (
         CheckConstraint(_in("state", ITEM_STATES), name="state"),
-        Index("ix_run_items_run_state", "run_id", "state"),
+        # Claims take a run's pending items in tier order (the riskiest first, so a night
+        # cut short by its deadline has spent itself on them): the index hands them so.
+        Index("ix_run_items_run_state", "run_id", "state", "tier"),
     )
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
@@ -176,6 +204,24 @@ class RunItem(Base):
     claimed_at: Mapped[dt.datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(16))  # the snapshot status once done
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    # Why a nightly planned it (worker.recon.coverage.TIERS); null for rechecks and confirms.
+    tier: Mapped[int | None] = mapped_column(SmallInteger)
+
+
+class RunDeferral(Base):
+    """Active accounts a nightly did not observe, by reason and tier (never silently dropped).
+
+    `capacity`: they did not fit the night (no item row: the active accounts without an item
+    in the run); `deadline`: planned, left at the deadline; `superseded`: planned, left when
+    the next night closed the run. The last two are items with outcome `deferred`.
+    """
+
+    __tablename__ = "run_deferrals"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    reason: Mapped[str] = mapped_column(String(16), primary_key=True)
+    tier: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    accounts: Mapped[int] = mapped_column(Integer)
 
 
 class BalanceSnapshot(Base):

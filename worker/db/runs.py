@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Select, Table, case, func, literal, or_, select, text, update
+from sqlalchemy import CursorResult, Select, Table, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from worker.db.models import (
@@ -54,10 +54,11 @@ class ItemCounts:
     ok: int = 0
     unobservable: int = 0
     error: int = 0
+    deferred: int = 0  # planned, left at the deadline or when the next night closed the run
 
     @property
     def done(self) -> int:
-        return self.ok + self.unobservable + self.error
+        return self.ok + self.unobservable + self.error + self.deferred
 
     @property
     def planned(self) -> int:
@@ -139,25 +140,6 @@ def nightly_run_id(session: Session, business_date: dt.date) -> int | None:
     ).scalar_one_or_none()
 
 
-def plan_active_accounts(session: Session, run_id: int, *, active_since: dt.datetime) -> int:
-    """Items for every account active since `active_since`, in one INSERT … SELECT.
-
-    An account without any recorded activity counts as seen when it was created (imported or
-    first paid): the game listed it, so it is reconciled until it has been idle that long.
-    """
-    activity = func.coalesce(_accounts.c.last_active_at, _accounts.c.created_at)
-    source = select(literal(run_id, _items.c.run_id.type).label("run_id"), _accounts.c.id).where(
-        activity >= active_since
-    )
-    session.execute(_items.insert().from_select(["run_id", "account_id"], source))
-    # Counted, not taken from rowcount: drivers report -1 for INSERT … SELECT.
-    return int(
-        session.execute(
-            select(func.count()).select_from(_items).where(_items.c.run_id == run_id)
-        ).scalar_one()
-    )
-
-
 def plan_accounts(session: Session, run_id: int, account_ids: Sequence[int]) -> int:
     if not account_ids:
         return 0
@@ -203,9 +185,11 @@ def get_run(session: Session, run_id: int, *, lock: bool = False) -> Run | None:
 
 
 def unfinished_runs(session: Session) -> list[tuple[int, str]]:
-    """(id, kind) of runs still running: what the sweep pumps."""
+    """(id, kind) of runs still running, or waiting to plan: what the sweep pumps."""
     rows = session.execute(
-        select(_runs.c.id, _runs.c.kind).where(_runs.c.status == "running").order_by(_runs.c.id)
+        select(_runs.c.id, _runs.c.kind)
+        .where(_runs.c.status.in_(("planning", "running")))
+        .order_by(_runs.c.id)
     )
     return [(int(i), str(k)) for i, k in rows]
 
@@ -234,6 +218,7 @@ def item_counts(session: Session, run_id: int) -> ItemCounts:
         ok=counts.get("ok", 0),
         unobservable=counts.get("unobservable", 0),
         error=counts.get("error", 0),
+        deferred=counts.get("deferred", 0),
     )
 
 
@@ -265,10 +250,12 @@ def take_back_stale(session: Session, run_id: int, *, claimed_before: dt.datetim
 
 
 def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.datetime) -> list[int]:
-    """Claim up to `limit` pending items; concurrent claimers skip each other's rows."""
+    """Claim up to `limit` pending items, the riskiest tier first (a nightly cut short by its
+    deadline has spent itself on them); concurrent claimers skip each other's rows."""
     chosen = (
         select(_items.c.account_id)
         .where(_items.c.run_id == run_id, _items.c.state == "pending")
+        .order_by(_items.c.tier)  # the (run_id, state, tier) index: no sort
         .limit(limit)
         .with_for_update(skip_locked=True)  # Postgres; SQLite has one writer anyway
     )
@@ -472,6 +459,13 @@ def account_id(session: Session, openid: str, zone_id: str) -> int | None:
     return session.execute(
         select(_accounts.c.id).where(_accounts.c.openid == openid, _accounts.c.zone_id == zone_id)
     ).scalar_one_or_none()
+
+
+def serialize_nightly_planning(session: Session) -> None:
+    """One night at a time: the start of a nightly and the closing of the one before it run
+    one at a time (Postgres; SQLite has one writer anyway). Ends with the transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(hashtext('midas_recon.nightly'))"))
 
 
 def serialize_confirm_planning(session: Session) -> None:

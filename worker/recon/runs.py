@@ -33,12 +33,14 @@ from sqlalchemy.orm import Session
 
 from worker import business_calendar as clock
 from worker.config import Settings
+from worker.db import coverage as cov_repo
 from worker.db import runs as repo
 from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
 from worker.db.models import Run
 from worker.db.session import session_scope
 from worker.db.snapshots import VALUE_FIELDS, SnapshotRow, insert_snapshots
-from worker.metrics import RUN_ITEMS_DONE, SNAPSHOTS
+from worker.metrics import NIGHTLY_DEFERRED, RUN_ITEMS_DONE, SNAPSHOTS
+from worker.recon import coverage
 from worker.recon.batches import Batch
 from worker.recon.cases import (
     close_cases_of_removed_checks,
@@ -117,12 +119,14 @@ class StartResult:
     run_id: int
     business_date: dt.date
     created: bool  # False: the date's run existed (joined)
-    status: str
+    status: str  # "planning": it waits for the night before it to finish its batches
     planned: int
     resumed_from: str | None = None  # a failed run put back to running: its old reason
     # A backfill: the nightly runs of later dates that exist already (their statements will
     # compare against this run's balances, fetched after theirs, with a signed window).
     later_runs: tuple[dt.date, ...] = ()
+    closed: tuple[int, ...] = ()  # unfinished nightlies this start closed (one night at a time)
+    waiting_for: tuple[int, ...] = ()  # closed ones still finishing their batches in flight
 
 
 def start_nightly(
@@ -141,6 +145,10 @@ def start_nightly(
     not begun is refused (FutureDate): it would observe nothing of that day, and the real
     night would join it. `resume_failed` (an operator, not beat) puts a failed run back to
     running: its pending items continue, nothing done is fetched again.
+
+    One night at a time: an unfinished nightly is closed first (its pending items deferred;
+    tonight's plan ranks them as it ranks everyone, and they have aged a day). While its
+    batches in flight finish, the new run waits in `planning`; the pump plans it after.
     """
     now = now or clock.utcnow()
     calendar = settings.calendar
@@ -151,12 +159,7 @@ def start_nightly(
         session, day, trigger=trigger, api_version=settings.MIDAS_API_VERSION, now=now
     )
     if run_id is not None:
-        since = now - dt.timedelta(days=settings.RECON_ACTIVE_DAYS)
-        planned = repo.plan_active_accounts(session, run_id, active_since=since)
-        repo.mark_running(session, run_id, planned=planned, now=now)
-        log.info("run_planned", extra={"run_id": run_id, "planned": planned, "kind": "nightly"})
-        if planned == 0:
-            finalize(session, run_id, now=now)
+        closed, waiting = take_the_night(session, settings, run_id, day, now)
         run = _require(session, run_id)
         later = later_nightly_dates(session, day)
         if later:
@@ -164,18 +167,91 @@ def start_nightly(
                 "run_backfill",
                 extra={"run_id": run_id, "business_date": day.isoformat(), "later": len(later)},
             )
-        return StartResult(run_id, day, True, run.status, planned, later_runs=later)
+        return StartResult(
+            run_id,
+            day,
+            True,
+            run.status,
+            run.planned,
+            later_runs=later,
+            closed=tuple(closed),
+            waiting_for=tuple(waiting),
+        )
     existing = repo.nightly_run_id(session, day)
     assert existing is not None  # the conflict says it exists, and runs are never deleted
     resumed = None
+    busy: list[int] = []
     if resume_failed:
-        resumed = repo.resume_failed(session, existing)
+        # One night at a time: a failed night resumes only when no other is open (an
+        # operator's resume must not close tonight's run); it says which one to wait for.
+        repo.serialize_nightly_planning(session)
+        busy = [i for i, _ in cov_repo.other_open_nightlies(session, existing)]
+        resumed = None if busy else repo.resume_failed(session, existing)
         if resumed is not None:
             repo.release_all_claims(session, existing)
+            # Its old deadline has passed: it gets a night from now, as a late start does.
+            _, deadline = calendar.night_window(day, now)
+            cov_repo.set_deadline(session, existing, deadline)
             log.info("run_resumed", extra={"run_id": existing, "previous_reason": resumed})
     run = _require(session, existing)
     counts = repo.item_counts(session, existing)
-    return StartResult(existing, day, False, run.status, counts.planned, resumed)
+    blocked = tuple(busy) if run.status == "failed" else ()
+    return StartResult(
+        existing, day, False, run.status, counts.planned, resumed, waiting_for=blocked
+    )
+
+
+def take_the_night(
+    session: Session, settings: Settings, run_id: int, day: dt.date, now: dt.datetime
+) -> tuple[list[int], list[int]]:
+    """Close the other unfinished nightlies, then plan `run_id` if none is still fetching.
+
+    Returns (closed, still finishing). A closed run stops claiming now, its pending items
+    are deferred (`superseded`), and it finalizes as soon as its claimed items are stored.
+    """
+    repo.serialize_nightly_planning(session)
+    closed: list[int] = []
+    for other, status in cov_repo.other_open_nightlies(session, run_id):
+        if status == "planning":
+            # Another night waiting to plan: this later start takes its place.
+            repo.close_run(
+                session,
+                other,
+                status="incomplete",
+                counts=repo.ItemCounts(),
+                now=now,
+                reason=f"superseded by nightly run #{run_id} before it could plan",
+            )
+            closed.append(other)
+            continue
+        cov_repo.cut_deadline(session, other, now)
+        deferred = cov_repo.defer_pending(session, other)
+        cov_repo.add_deferrals(session, other, "superseded", deferred)
+        NIGHTLY_DEFERRED.labels("superseded").inc(sum(deferred.values()))
+        _note_closed_by(session, other, run_id)
+        log.warning(
+            "run_superseded",
+            extra={"run_id": other, "by_run_id": run_id, "deferred": sum(deferred.values())},
+        )
+        finalize(session, other, now=now)
+        closed.append(other)
+    waiting = [i for i, s in cov_repo.other_open_nightlies(session, run_id) if s == "running"]
+    if waiting:
+        log.info("run_waiting", extra={"run_id": run_id, "waiting_for": waiting})
+        return closed, waiting
+    plan = coverage.plan_night(session, settings, run_id, day, now)
+    repo.mark_running(session, run_id, planned=plan.planned, now=now)
+    log.info("run_planned", extra={"run_id": run_id, "planned": plan.planned, "kind": "nightly"})
+    if plan.planned == 0:
+        finalize(session, run_id, now=now)
+    return closed, []
+
+
+def _note_closed_by(session: Session, run_id: int, by_run_id: int) -> None:
+    run = _require(session, run_id)
+    noted = dict(run.coverage or {})
+    noted["closed_by_run_id"] = by_run_id
+    cov_repo.set_coverage(session, run_id, verdict=run.coverage_verdict, coverage=noted)
 
 
 def later_nightly_dates(session: Session, day: dt.date) -> tuple[dt.date, ...]:
@@ -194,6 +270,8 @@ class PumpResult:
     batches: list[Batch] = field(default_factory=list)
     has_open: bool = True  # pending or claimed items left after this pump
     taken_back: int = 0
+    waiting_for: list[int] = field(default_factory=list)  # a waiting nightly: the runs before it
+    wake: list[int] = field(default_factory=list)  # nightlies that may plan now this one closed
 
 
 def pump(
@@ -205,17 +283,25 @@ def pump(
     is_alive: Callable[[dt.datetime], bool] | None = None,
     stale_after_s: float = STALE_CLAIM_S,
     now: dt.datetime | None = None,
+    settings: Settings | None = None,
 ) -> PumpResult:
     """Take back dead claims, claim up to `room(kind)` batches, finalize when all is done.
 
     `is_alive(claim)` tells whether a claim's batch is queued or running; without it only
-    claims older than `stale_after_s` are taken back.
+    claims older than `stale_after_s` are taken back. A nightly waiting for the one before
+    it is planned here once that one is closed (`settings` tell its night). From a
+    nightly's deadline on nothing new is claimed: the pending items are deferred, the
+    batches in flight finish, and the run closes with its coverage verdict.
     """
     now = now or clock.utcnow()
     run = repo.get_run(session, run_id)
     if run is None:
         raise LookupError(f"no run {run_id}")
     result = PumpResult(run_id, run.kind, run.status)
+    if run.status == "planning" and run.kind == "nightly" and settings is not None:
+        _, result.waiting_for = take_the_night(session, settings, run_id, run.business_date, now)
+        run = _require(session, run_id)
+        result.status = run.status
     if run.status != "running":
         return result
     taken = repo.take_back_stale(
@@ -228,7 +314,16 @@ def pump(
     result.taken_back = taken
     if taken:
         log.warning("dead_claims_taken_back", extra={"run_id": run_id, "items": taken})
-    for i in range(max(0, room(run.kind))):
+    past_deadline = run.deadline_at is not None and now >= run.deadline_at
+    if past_deadline:
+        deferred = cov_repo.defer_pending(session, run_id)
+        if deferred:
+            cov_repo.add_deferrals(session, run_id, "deadline", deferred)
+            NIGHTLY_DEFERRED.labels("deadline").inc(sum(deferred.values()))
+            log.warning(
+                "run_deadline", extra={"run_id": run_id, "deferred": sum(deferred.values())}
+            )
+    for i in range(0 if past_deadline else max(0, room(run.kind))):
         # One claim per batch (microseconds apart): each batch's liveness is its own.
         claim = now + dt.timedelta(microseconds=i)
         ids = repo.claim_pending(session, run_id, limit=size, claim=claim)
@@ -241,23 +336,31 @@ def pump(
     if not result.has_open:
         closed = finalize(session, run_id, now=now)
         result.status = closed.status if closed else result.status
+        if run.kind == "nightly" and result.status != "running":
+            result.wake = [
+                i for i, s in cov_repo.other_open_nightlies(session, run_id) if s == "planning"
+            ]
     return result
 
 
 def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -> Run | None:
-    """Close a running run whose items are all done: complete, or incomplete if any errored.
+    """Close a running run whose items are all done: complete, or incomplete if any errored
+    or was deferred at the deadline; a nightly closes with its coverage verdict.
 
     Idempotent and safe beside the last batches: the run row is locked, and a batch still
     writing holds its items claimed until it commits, so they count as open until then.
     """
+    now = now or clock.utcnow()
     run = repo.get_run(session, run_id, lock=True)
     if run is None or run.status != "running":
         return run
     counts = repo.item_counts(session, run_id)
     if counts.open:
         return run
-    status = "complete" if counts.error == 0 else "incomplete"
-    repo.close_run(session, run_id, status=status, counts=counts, now=now or clock.utcnow())
+    status = "complete" if counts.error == 0 and counts.deferred == 0 else "incomplete"
+    repo.close_run(session, run_id, status=status, counts=counts, now=now)
+    if run.kind == "nightly":
+        coverage.close_coverage(session, run_id, run.coverage, now)
     session.refresh(run)
     log.info(
         "run_finished",
@@ -269,6 +372,8 @@ def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -
             "ok": counts.ok,
             "unobservable": counts.unobservable,
             "error": counts.error,
+            "deferred": run.deferred,
+            "coverage": run.coverage_verdict,
             "mismatches_opened": run.mismatches_opened,
         },
     )
@@ -303,6 +408,8 @@ class FetchDeps:
     deadline_s: float
     cipher: SessionKeyCipher | None = None  # set when session keys are sent (v2, mp_sig)
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    # What a waiting nightly is planned with when this process's pump starts it (drive).
+    settings: Settings | None = None
 
     @classmethod
     def from_settings(
@@ -323,6 +430,7 @@ class FetchDeps:
             threads=fetch_threads(settings),
             deadline_s=batch_deadline_s(settings),
             cipher=SessionKeyCipher.from_settings(settings) if needs_keys else None,
+            settings=settings,
         )
 
 
@@ -390,6 +498,14 @@ def run_batch(
                 o.target.account_id: by_account[(o.target.openid, o.target.zone_id)].status
                 for o in mine
             },
+        )
+        cov_repo.record_answers(
+            session,
+            (
+                (o.target.account_id, o.status, o.fetched_at)
+                for o in mine
+                if by_account[o.target.openid, o.target.zone_id].new
+            ),
         )
         back = [t.account_id for t in report.unfetched if t.account_id in held]
         repo.release(session, run_id, back)
@@ -563,8 +679,27 @@ def drive(
                     progress(read_progress(session, run_id))
         with db() as session:
             pumped = pump(
-                session, run_id, room=lambda _kind: 1, size=size, stale_after_s=EMBEDDED_STALE_S
+                session,
+                run_id,
+                room=lambda _kind: 1,
+                size=size,
+                stale_after_s=EMBEDDED_STALE_S,
+                settings=deps.settings,
             )
+        if pumped.status == "planning" and pumped.waiting_for:
+            # Waiting for the night before: nobody else pumps it in this mode (its claims
+            # are a crashed attempt's, taken back once stale, and then it closes).
+            for earlier in pumped.waiting_for:
+                with db() as session:
+                    pump(
+                        session,
+                        earlier,
+                        room=lambda _kind: 0,
+                        size=size,
+                        stale_after_s=EMBEDDED_STALE_S,
+                    )
+            time.sleep(poll_s)
+            continue
         if pumped.status != "running":
             if progress is not None:
                 with db() as session:

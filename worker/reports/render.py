@@ -160,10 +160,47 @@ def header_lines(statement: Statement) -> list[str]:
         lines.append(
             f"The run is {s.run.status}: {s.run.error} accounts got no answer (error) and are "
             "left out of the totals"
+            + (f", {s.run.deferred} active accounts were deferred" if s.run.deferred else "")
         )
+    lines.extend(coverage_lines(s.run))
     lines.append(generated_line(s))
     lines.append("All figures are integer coins; n/a means not known (never a zero).")
     return lines
+
+
+def coverage_lines(run: RunInfo) -> list[str]:
+    """The night's coverage, each figure with the window it covers; none for older runs."""
+    c = run.coverage or {}
+    if "active" not in c:
+        return []
+    share = c["observed_share"]
+    ages = c["oldest_age_s"]
+    moved = c["moved"]
+    deferred = ", ".join(f"{reason} {n}" for reason, n in sorted(c.get("deferred", {}).items()))
+    lines = [
+        "Coverage when the run closed"
+        + (f" ({_stamp(run.finished_at)})" if run.finished_at else "")
+        + f": {run.coverage_verdict}; of {c['active']} "
+        "active accounts, observed ok in the last 1 / 7 / 30 days: "
+        + " / ".join(_share(share[k]) for k in ("1d", "7d", "30d"))
+        + f"; {c['never_observed']} never observed ok",
+        "Age of the last ok observation over active accounts, p50 / p99 / max: "
+        + " / ".join(_age(ages[k]) for k in ("p50", "p99", "max")),
+        f"Accounts with ledger movement: {moved['observed']} observed ok tonight, "
+        f"{moved['not_observed']} not; night capacity {run.capacity}, deferred "
+        f"{run.deferred}" + (f" ({deferred})" if deferred else ""),
+    ]
+    if c.get("note"):
+        lines.append(f"Coverage: {c['note']}")
+    return lines
+
+
+def _share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def _age(seconds: float | None) -> str:
+    return "never" if seconds is None else f"{seconds / 3600:.1f} h"
 
 
 def generated_line(statement: Statement) -> str:

@@ -80,6 +80,12 @@ class RunInfo:
     mismatches_opened: int
     started_at: dt.datetime | None
     finished_at: dt.datetime | None
+    # The night's coverage (worker.recon.coverage): what it could hold, what it left, and
+    # what the active accounts' observations looked like when it closed; None before issue 14.
+    capacity: int | None = None
+    deferred: int = 0
+    coverage_verdict: str | None = None
+    coverage: dict[str, Any] | None = None
 
     @classmethod
     def of(cls, run: Run, tz: ZoneInfo) -> RunInfo:
