@@ -307,6 +307,34 @@ def nightly_run(url: str) -> Run | None:
         return session.scalars(select(Run).where(Run.kind == "nightly")).one_or_none()
 
 
+# -- the worker's clock ----------------------------------------------------------------------
+
+
+class Clock:
+    """The worker's clock (worker.business_calendar.utcnow) under a test's control: set to a
+    moment, a millisecond further at every read, so that every timestamp the worker takes is
+    distinct and in order. Time only moves forward."""
+
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    @classmethod
+    def install(cls, monkeypatch: pytest.MonkeyPatch, start: dt.datetime) -> Clock:
+        import worker.business_calendar as bc
+
+        clock = cls(start)
+        monkeypatch.setattr(bc, "utcnow", clock)
+        return clock
+
+    def set(self, moment: dt.datetime) -> None:
+        assert moment >= self.now, "time only moves forward"
+        self.now = moment
+
+    def __call__(self) -> dt.datetime:
+        self.now += dt.timedelta(milliseconds=1)
+        return self.now
+
+
 # -- processes ----------------------------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import func, select
 
-import worker.business_calendar as bc
+from tests.orchestration.conftest import Clock
 from worker.config import load_settings
 from worker.db.accounts import AccountRow, upsert_accounts
 from worker.db.ledger import LedgerRow, import_entries
@@ -64,26 +64,9 @@ def local(day: int, hhmm: str) -> dt.datetime:
     return moment.replace(tzinfo=TZ).astimezone(dt.UTC)
 
 
-class Clock:
-    """The worker's clock: set by the test, a millisecond further at every read."""
-
-    def __init__(self) -> None:
-        self.now = local(0, "00:00")
-
-    def set(self, moment: dt.datetime) -> None:
-        assert moment >= self.now, "time only moves forward"
-        self.now = moment
-
-    def __call__(self) -> dt.datetime:
-        self.now += dt.timedelta(milliseconds=1)
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    moment = Clock()
-    monkeypatch.setattr(bc, "utcnow", moment)
-    return moment
+    return Clock.install(monkeypatch, local(0, "00:00"))
 
 
 @pytest.fixture

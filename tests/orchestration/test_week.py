@@ -37,7 +37,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select, text
 
-import worker.business_calendar as bc
+from tests.orchestration.conftest import Clock
 from worker.business_calendar import FutureDate
 from worker.config import Settings, load_settings
 from worker.db.accounts import AccountRow, upsert_accounts
@@ -69,22 +69,6 @@ CHECKS_WITHOUT_PRESENT = (
 
 def local(day: int, hhmmss: str) -> dt.datetime:
     return dt.datetime.combine(D[day], dt.time.fromisoformat(hhmmss), tzinfo=TZ).astimezone(dt.UTC)
-
-
-class Clock:
-    """The worker's clock for this test: set to a moment, ticking a millisecond per read so
-    that every timestamp the worker takes is distinct and in order."""
-
-    def __init__(self) -> None:
-        self.now = local(1, "00:00:00")
-
-    def set(self, moment: dt.datetime) -> None:
-        assert moment >= self.now, "the week only moves forward"
-        self.now = moment
-
-    def __call__(self) -> dt.datetime:
-        self.now += dt.timedelta(milliseconds=1)
-        return self.now
 
 
 @dataclass
@@ -238,9 +222,7 @@ class Week:
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    moment = Clock()
-    monkeypatch.setattr(bc, "utcnow", moment)
-    return moment
+    return Clock.install(monkeypatch, local(1, "00:00:00"))
 
 
 @pytest.fixture
