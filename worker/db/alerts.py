@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Select, case, func, select, update
 from sqlalchemy.orm import Session
 
 from worker.alerts.events import Alert as AlertEvent
@@ -152,21 +153,15 @@ def recent(session: Session, limit: int = 20) -> list[SentAlert]:
 # -- what the periodic check reads --------------------------------------------------------------
 
 
+def _closed_run_query() -> Select[Any]:
+    """The run's columns a ClosedRun holds, named as its fields."""
+    return select(*(getattr(Run, f.name) for f in fields(ClosedRun)))
+
+
 def closed_runs(session: Session, since: dt.datetime) -> list[ClosedRun]:
     """Failed and incomplete runs that closed after `since` (ix_runs_status keeps it small)."""
     rows = session.execute(
-        select(
-            Run.id,
-            Run.kind,
-            Run.business_date,
-            Run.status,
-            Run.planned,
-            Run.ok,
-            Run.unobservable,
-            Run.error,
-            Run.failure_reason,
-            Run.finished_at,
-        )
+        _closed_run_query()
         .where(Run.status.in_(("failed", "incomplete")), Run.finished_at >= since)
         .order_by(Run.id)
     ).all()
@@ -174,20 +169,7 @@ def closed_runs(session: Session, since: dt.datetime) -> list[ClosedRun]:
 
 
 def closed_run(session: Session, run_id: int) -> ClosedRun | None:
-    row = session.execute(
-        select(
-            Run.id,
-            Run.kind,
-            Run.business_date,
-            Run.status,
-            Run.planned,
-            Run.ok,
-            Run.unobservable,
-            Run.error,
-            Run.failure_reason,
-            Run.finished_at,
-        ).where(Run.id == run_id)
-    ).one_or_none()
+    row = session.execute(_closed_run_query().where(Run.id == run_id)).one_or_none()
     return ClosedRun(**row._asdict()) if row is not None else None
 
 
