@@ -26,12 +26,11 @@ from worker.cli.base import (
     settings,
     table,
 )
-from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, MismatchCase, MismatchEvent
+from worker.db.models import MismatchCase, MismatchEvent
 from worker.fields import CASE_FIELDS
 from worker.metrics import OPERATOR_ACTIONS
+from worker.recon.console import STATUS_CHOICES
 from worker.text import spreadsheet_cell
-
-STATUS_CHOICES = ("open", "all", *CASE_STATUSES)
 
 
 @cli.group("mismatches", invoke_without_command=True)
@@ -93,11 +92,11 @@ def mismatches(
         return
     from worker.db.console import CaseQuery, search_cases
     from worker.db.session import session_scope
-    from worker.recon.console import opened_between
+    from worker.recon.console import opened_between, statuses_of
 
     s = settings()
     statuses: Sequence[str] | None
-    statuses = OPEN_CASE_STATUSES if status == "open" else None if status == "all" else [status]
+    statuses = statuses_of(status)
     start, end = opened_between(
         _date(opened_from, "--opened-from"), _date(opened_to, "--opened-to"), s.calendar
     )

@@ -18,7 +18,9 @@ from sqlalchemy.orm import Session
 
 from worker.db import console as repo
 from worker.db.models import (
+    CASE_STATUSES,
     LEDGER_KINDS,
+    OPEN_CASE_STATUSES,
     BalanceSnapshot,
     LedgerEntry,
     MismatchCase,
@@ -36,6 +38,16 @@ MAX_PAGE_SIZE = 500
 
 
 # -- cases --------------------------------------------------------------------------------------
+
+
+# A status filter as operators give it: "open" (suspected, confirmed, acknowledged), "all",
+# or one status.
+STATUS_CHOICES = ("open", "all", *CASE_STATUSES)
+
+
+def statuses_of(choice: str) -> Sequence[str] | None:
+    """The case statuses a STATUS_CHOICES value stands for (None: every status)."""
+    return OPEN_CASE_STATUSES if choice == "open" else None if choice == "all" else [choice]
 
 
 def opened_between(

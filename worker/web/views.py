@@ -28,10 +28,17 @@ from sqlalchemy.orm import Session
 from worker import business_calendar as clock
 from worker.business_calendar import FutureDate
 from worker.db import console as queries
-from worker.db.models import CASE_STATUSES, OPEN_CASE_STATUSES, Run
+from worker.db.models import OPEN_CASE_STATUSES, Run
 from worker.db.runs import get_run, recent_runs
 from worker.recon import cases as lifecycle
-from worker.recon.console import MAX_PAGE_SIZE, account_history, find_cases, opened_between
+from worker.recon.console import (
+    MAX_PAGE_SIZE,
+    STATUS_CHOICES,
+    account_history,
+    find_cases,
+    opened_between,
+    statuses_of,
+)
 from worker.recon.rules import checks_from_settings
 from worker.recon.runs import read_progress
 from worker.reports import render as statement_render
@@ -48,7 +55,6 @@ api = Blueprint("api", __name__, url_prefix="/api")
 
 DEFAULT_PER_PAGE = 50
 FLASH_IDS = 10  # case ids or refusals named in one bulk action's message
-STATUS_CHOICES = ("open", "all", *CASE_STATUSES)
 RUN_KINDS_SHOWN = ("nightly", "recheck", "confirm", "all")
 LOGIN_REFUSED = "Wrong name or password."
 LOGIN_THROTTLED = "Too many login attempts; wait a few minutes and try again."
@@ -224,7 +230,7 @@ def _case_filters() -> tuple[queries.CaseQuery, int, int, dict[str, str]]:
     )
     min_delta = _int(form["min_delta"], "min_delta", 0, 2**62) if form["min_delta"] else None
     query = queries.CaseQuery(
-        statuses=OPEN_CASE_STATUSES if status == "open" else None if status == "all" else [status],
+        statuses=statuses_of(status),
         check=form["check"] or None,
         zone_id=form["zone_id"] or None,
         openid=form["openid"] or None,
