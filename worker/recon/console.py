@@ -27,7 +27,7 @@ from worker.db.models import (
     MismatchEvent,
 )
 from worker.midas.types import COUNTER_FIELDS
-from worker.recon.rules import Check, evaluate
+from worker.recon.rules import Check, Difference, evaluate
 
 if TYPE_CHECKING:
     from worker.business_calendar import BusinessCalendar
@@ -85,19 +85,6 @@ def find_cases(session: Session, query: repo.CaseQuery, *, page: int, per_page: 
 # -- one account --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class CheckPoint:
-    """One check at one fetch: Midas' counter and the ledger's side."""
-
-    check: str
-    midas_value: int
-    ledger_value: int
-
-    @property
-    def delta(self) -> int:
-        return self.midas_value - self.ledger_value
-
-
 @dataclass
 class Fetch:
     """One snapshot, the ledger's running sums at its moment, and the entries since the
@@ -105,7 +92,7 @@ class Fetch:
 
     snapshot: BalanceSnapshot
     ledger_sums: dict[str, int]
-    checks: list[CheckPoint]  # empty unless the snapshot is ok
+    checks: list[Difference]  # both sides of every check; empty unless the snapshot is ok
     entries: list[LedgerEntry] = field(default_factory=list)
 
 
@@ -165,13 +152,10 @@ def account_history(
             sums[entries[i].kind] += entries[i].amount
             seen.append(entries[i])
             i += 1
-        points: list[CheckPoint] = []
+        points: list[Difference] = []
         if snap.status == "ok":
             midas = {name: getattr(snap, name) for name in COUNTER_FIELDS}
-            points = [
-                CheckPoint(d.check, d.midas_value, d.ledger_value)
-                for d in evaluate(midas, sums, checks)
-            ]
+            points = evaluate(midas, sums, checks)
         fetches.append(Fetch(snap, dict(sums), points, seen))
 
     cases = repo.account_cases(session, openid, zone_id)
