@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from sqlalchemy import select
@@ -34,7 +35,14 @@ def log_in(driver: Any, live: LiveConsole, shots: Path) -> None:
 
 
 def wait(driver: Any, timeout: float = 20) -> WebDriverWait:  # type: ignore[type-arg]
-    return WebDriverWait(driver, timeout, poll_frequency=0.1)
+    # A click that submits a form replaces the page; an element found on the old page goes
+    # stale between find and read, which only means "not there yet".
+    return WebDriverWait(
+        driver,
+        timeout,
+        poll_frequency=0.1,
+        ignored_exceptions=(StaleElementReferenceException,),
+    )
 
 
 def rows(driver: Any) -> list[list[str]]:
