@@ -12,16 +12,27 @@ timed: which query the time goes to. At 1M accounts the throwaway database holds
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 
-from bench.common import database, environment, say, table_sizes, vacuum_analyze, write_result
+from bench.common import (
+    PG_ADMIN_URL,
+    database,
+    environment,
+    say,
+    table_sizes,
+    vacuum_analyze,
+    write_result,
+)
 
 NAME = "reports"
 GOAL_S = 2.0
+# What one account-night takes in Postgres, indexes included: 14 GB for 30 M at 1M accounts.
+BYTES_PER_ACCOUNT_NIGHT = 470
 
 
 def main(accounts: int, out: Path | None = None) -> dict[str, Any]:
@@ -30,6 +41,7 @@ def main(accounts: int, out: Path | None = None) -> dict[str, Any]:
     from tests.reports.test_report_speed import LAST, SEED
     from worker.cli.base import cli
 
+    _check_disk(accounts)
     with database() as url:
         seeding = time.monotonic()
         engine = create_engine(url)
@@ -95,3 +107,22 @@ def _timed_queries(url: str, call: Any) -> list[tuple[float, str]]:
         event.remove(engine, "before_cursor_execute", before)
         event.remove(engine, "after_cursor_execute", after)
     return sorted(timed, reverse=True)
+
+
+def _check_disk(accounts: int) -> None:
+    """Refuse to start a seeding that would fill the disk Postgres writes to (when it is this
+    machine's): the data plus as much again for WAL and the index builds."""
+    need = accounts * 30 * BYTES_PER_ACCOUNT_NIGHT * 2
+    engine = create_engine(PG_ADMIN_URL)
+    with engine.connect() as conn:
+        folder = conn.execute(text("SHOW data_directory")).scalar_one()
+    engine.dispose()
+    if not Path(folder).exists():
+        say(NAME, f"Postgres writes to {folder}, not on this machine: free space not checked")
+        return
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise SystemExit(
+            f"reports: {accounts} accounts need ~{need / 1e9:.0f} GB free where Postgres "
+            f"writes ({folder}), {free / 1e9:.0f} GB are"
+        )
