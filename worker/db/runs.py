@@ -275,7 +275,12 @@ def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.dateti
     )
     ids = sorted(int(a) for a in session.execute(stmt).scalars())
     if ids:
-        session.execute(_claims.insert().values(run_id=run_id, claimed_at=claim, account_id=ids[0]))
+        # Registered in flight in the same transaction (idempotent: a row says "may hold").
+        session.execute(
+            dialect_insert(session, _claims)
+            .values(run_id=run_id, claimed_at=claim, account_id=ids[0])
+            .on_conflict_do_nothing()
+        )
     return ids
 
 
