@@ -22,6 +22,7 @@ import datetime as dt
 import json
 import multiprocessing
 import os
+import queue
 import time
 from pathlib import Path
 from typing import Any
@@ -238,11 +239,15 @@ def one_size_apart(n: int) -> dict[str, Any]:
     proc = ctx.Process(target=_child, args=(n, results))
     proc.start()
     try:
-        result: dict[str, Any] = results.get()  # before join: a big result must be drained
+        while True:  # drained before the join (a big result); a dead child is no result
+            try:
+                result: dict[str, Any] = results.get(timeout=5)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the {n}-account run died (exit {proc.exitcode})") from None
     finally:
         proc.join()
-    if proc.exitcode != 0:
-        raise RuntimeError(f"the {n}-account run ended with exit code {proc.exitcode}")
     return result
 
 

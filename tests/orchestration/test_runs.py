@@ -8,7 +8,7 @@ from functools import partial
 from typing import Any
 
 import pytest
-from sqlalchemy import event, func, select, text, update
+from sqlalchemy import Engine, event, func, select, text, update
 
 from tests.orchestration.test_fetch import BALANCE, Scripted
 from worker.config import load_settings
@@ -303,8 +303,8 @@ def test_a_batch_and_the_pump_never_read_the_claimed_items_through_the_state_ind
         if "run_items" in statement or "run_claims" in statement:
             statements.append((statement, params))
 
-    engine = engine_for(db_url)
-    event.listen(engine, "before_cursor_execute", record)
+    # Every engine: the session factory may hold one that engine_for() has since replaced.
+    event.listen(Engine, "before_cursor_execute", record)
     try:
         source = deps(defaultdict(lambda: [BALANCE]))
         runs.run_batch(db, source, run_id, batches[0].account_ids, batches[0].claim)
@@ -316,9 +316,9 @@ def test_a_batch_and_the_pump_never_read_the_claimed_items_through_the_state_ind
                 now=NOW + dt.timedelta(seconds=runs.CLAIM_GRACE_S + 1),
             )  # fmt: skip
     finally:
-        event.remove(engine, "before_cursor_execute", record)
+        event.remove(Engine, "before_cursor_execute", record)
     explained = []
-    with engine.connect() as conn:
+    with engine_for(db_url).connect() as conn:
         for statement, params in statements:
             plan = conn.exec_driver_sql("EXPLAIN " + statement, params).scalars().all()
             explained.append("\n".join([statement, *plan]))
