@@ -5,11 +5,12 @@ identified by its `claimed_at` value (microseconds, one per batch): the batch me
 it, and a batch only works on items still held by that claim. A message whose claim was taken
 back (its batch presumed dead) and handed to another batch therefore finds nothing to do.
 
-Nothing a batch or a pump does reads a run's items through the (run_id, state) index except
-the claim itself: each state change leaves a dead entry in that index until a vacuum removes
-it, and a scan of the `claimed` range late in a big night would step over one for every item
-done so far (docs/benchmarks.md §3; autovacuum may be off or behind). A batch finds its items
-by primary key; the pump finds the claims in flight in `run_claims`, one row per batch.
+No step of a batch and no routine check of the pump reads claimed items through the
+(run_id, state) index: each state change leaves a dead entry in that index until a vacuum
+removes it, and a scan of the `claimed` range late in a big night would step over one for
+every item done so far (docs/benchmarks.md §3; autovacuum may be off or behind). A batch
+finds its items by primary key; the pump finds the claims in flight in `run_claims`, one row
+per batch. Only the claim (the pending range) and taking a dead claim back use that index.
 """
 
 from __future__ import annotations
