@@ -392,16 +392,20 @@ def test_a_thread_that_always_wakes_late_never_bunches_with_the_next_second(
     warm(lim)
     monkeypatch.setattr(limiter_mod, "time", _LateThreadClock(0.03))
     gone: list[float] = []
+    late_went = 0
     lock = threading.Lock()
     deadline = time.monotonic() + 3.0
 
     def work() -> None:
+        nonlocal late_went
+        late = threading.current_thread().name.startswith("late")
         while time.monotonic() < deadline:
             with lim.slot():
                 with lock:
                     gone.append(time.monotonic())  # the request would leave now
+                    late_went += late
                 # Late threads come back only after the full second behind them.
-                time.sleep(1.1 if threading.current_thread().name.startswith("late") else 0.005)
+                time.sleep(1.1 if late else 0.005)
 
     pool = [threading.Thread(target=work) for _ in range(6)]
     pool += [threading.Thread(target=work, name=f"late{i}") for i in range(2)]
@@ -410,8 +414,10 @@ def test_a_thread_that_always_wakes_late_never_bunches_with_the_next_second(
     for t in pool:
         t.join(timeout=30)
     assert max_in_window(gone) <= rate
-    # Each late wake-up costs its missed slot and a gap of its lateness (~2.5 slots), no more.
-    assert achieved_rate(gone) >= 0.85 * rate
+    # No livelock: the late threads went again and again (at 0, ~1.1 and ~2.2 s), and the
+    # others kept most of the rate (a late wake-up costs its slot and a gap of its lateness).
+    assert late_went >= 2 * 2
+    assert achieved_rate(gone) >= 0.6 * rate
 
 
 def test_local_exception_inside_slot_releases_it() -> None:

@@ -1,7 +1,8 @@
 """The fleet-wide Midas rate limiter and in-flight cap (PRODUCT.md §6, API.md §6).
 
-Every Midas HTTP attempt runs inside `with limiter.slot():`. A slot is two things, taken in this
-order:
+Every Midas HTTP attempt runs inside `with limiter.slot():` (or `slot_prepared(build)`, which
+builds the request while waiting for its moment, so that little is left to do after the check
+below). A slot is two things, taken in this order:
 
 1. an *in-flight slot* (at most `max_in_flight` holders fleet-wide), then
 2. a *rate reservation*: a start time on one shared schedule, which the caller sleeps out.
@@ -24,8 +25,10 @@ simply that no request reaches Midas more than `jitter_s` after its moment. A ca
 up later than half of that budget does not go: it takes a new reservation (the slot it missed
 is lost), and that reservation leaves a gap after it as long as the lateness it just saw, so
 that the schedule itself absorbs a host whose wake-ups stay late. The other half of the budget
-is for the way from the check to Midas (building the request, the HTTP stack, the network),
-which nothing here can check. Measured on the project's 2-core VM under load
+is for the way from the check to Midas (the HTTP stack, the network), which nothing here can
+check; hence `slot_prepared`: building and preparing a request takes ~0.5 ms of Python, the
+socket write after it ~0.15 ms, and a thread that needs the GIL longer is likelier to be held
+up by the other threads on a busy host. Measured on the project's 2-core VM under load
 (`bench/rate_lag.py`, docs/benchmarks.md §1).
 
 **Clocks.** The Redis limiter keeps all state in Redis and decides inside Lua scripts with the
@@ -57,10 +60,10 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from worker.metrics import FLEET_PAUSES, LIMITER_IN_FLIGHT, LIMITER_WAIT
 from worker.midas.errors import RetryableError
@@ -89,9 +92,21 @@ _CLOCK_KEEP_S = 2.0
 _MAX_SLEEP_S = 5.0
 
 
+_T = TypeVar("_T")
+
+
+def _nothing() -> None:
+    return None
+
+
 class Limiter(Protocol):
     def slot(self) -> AbstractContextManager[None]:
         """Block for an in-flight slot and a rate grant; release the in-flight slot on exit."""
+        ...
+
+    def slot_prepared(self, prepare: Callable[[], _T]) -> AbstractContextManager[_T]:
+        """`slot()`, running `prepare` while waiting for the grant's moment (again after a
+        re-reservation); yields what it returned."""
         ...
 
     def pause_until(self, unix_ts: float) -> None:
@@ -198,12 +213,15 @@ class _ScheduledLimiter(ABC):
 
     # -- public interface ------------------------------------------------------------------
 
+    def slot(self) -> AbstractContextManager[None]:
+        return self.slot_prepared(_nothing)
+
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        holder = self._acquire()
+    def slot_prepared(self, prepare: Callable[[], _T]) -> Iterator[_T]:
+        holder, prepared = self._acquire(prepare)
         LIMITER_IN_FLIGHT.inc()
         try:
-            yield
+            yield prepared
         finally:
             LIMITER_IN_FLIGHT.dec()
             self._release(holder)
@@ -218,7 +236,7 @@ class _ScheduledLimiter(ABC):
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _acquire(self) -> str:
+    def _acquire(self, prepare: Callable[[], _T]) -> tuple[str, _T]:
         holder = uuid.uuid4().hex
         started = time.monotonic()
         has_slot = False
@@ -251,6 +269,7 @@ class _ScheduledLimiter(ABC):
                 # Sleep until the reserved moment on the schedule's own clock; lateness is
                 # measured against that moment, not against when we asked or heard back.
                 moment = self._clock.local_moment(before, after, server_now, seconds)
+                prepared = prepare()  # while we wait; if it takes longer, that is lateness
                 delay = moment - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
@@ -271,7 +290,7 @@ class _ScheduledLimiter(ABC):
                 with self._counter_lock:
                     self._grants += 1
                     self._wait_s += waited
-                return holder
+                return holder, prepared
         except BaseException:
             if has_slot:
                 self._release(holder)
