@@ -6,7 +6,7 @@ the moment the Redis schedule reserved for it and the moment the simulator count
 - ``sched``: the reserved moment (the Lua script's `at`, the Redis server's clock);
 - ``wake``: the caller leaves `limiter.slot()`'s wait (``wake - sched``: sleep overshoot and
   the Redis round trip);
-- ``post``: the request is signed and built, `requests` is called (``post - wake``);
+- ``post``: `Session.send` is called with the prepared request (``post - wake``);
 - ``send``: the request's first bytes go into the socket (``send - wake``: signing, requests,
   the connection pool, a new TCP connection, the GIL). On loopback the kernel hands the bytes
   to the server's socket inside this very call, so ``send`` is the arrival at the host;
@@ -130,9 +130,9 @@ def _client(
             local.sched = reply[2] / 1e6
         return reply
 
-    def _acquire(self: Any) -> str:
+    def _acquire(self: Any, prepare: Any) -> Any:
         local.grants = 0
-        holder = acquire(self)
+        holder = acquire(self, prepare)
         local.rec = {
             "sched": local.sched,
             "wake": time.time(),
@@ -143,11 +143,11 @@ def _client(
         }
         return holder
 
-    def _post(self: Any, path: str, query: dict[str, str], body: bytes) -> Any:
+    def _post(self: Any, prepared: Any) -> Any:
         rec = getattr(local, "rec", None)
         if rec is not None and rec["post"] is None:
-            rec["post"] = time.time()  # the request is built; requests takes it from here
-        return post(self, path, query, body)
+            rec["post"] = time.time()  # the request is ready; Session.send takes it from here
+        return post(self, prepared)
 
     def _send(self: Any, data: Any) -> None:
         rec = getattr(local, "rec", None)
