@@ -444,7 +444,7 @@ def test_make_limiter_takes_the_rate_margin_from_settings() -> None:
     assert wide.jitter_s == 0.1
     assert wide.interval_s == pytest.approx(1.1 / 100)  # 100 grants span 1.1 s
     default = make_limiter(load_settings({"MIDAS_RATE_LIMIT": "100"}))
-    assert default.interval_s == pytest.approx(1.02 / 100)
+    assert default.interval_s == pytest.approx(1.05 / 100)
 
 
 @pytest.mark.integration

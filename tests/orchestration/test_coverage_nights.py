@@ -96,7 +96,6 @@ class Nights:
             "RECON_SETTLE_SECONDS": "60",
             "RECON_FULL_COVERAGE_DAYS": str(DAYS),
             "MIDAS_RATE_LIMIT": "0.64",
-            "MIDAS_RATE_MARGIN_S": "0.05",  # the world is sized on 0.64 / 1.05 a second
         }
         self.settings = load_settings(env)  # what the nights are planned with
         # What the fetches run at: the test's clock decides the deadline, not this rate.

@@ -38,7 +38,7 @@ def settings(url: str, rate: str) -> object:
 
 
 def test_capacity_is_the_limiters_schedule_less_the_fast_lane_over_the_window() -> None:
-    s = load_settings({"MIDAS_RATE_LIMIT": "50", "MIDAS_RATE_MARGIN_S": "0.05"})
+    s = load_settings({"MIDAS_RATE_LIMIT": "50"})
     # 50 / 1.05 (MIDAS_RATE_MARGIN_S) x 0.95 (RECON_FAST_LANE_SHARE) x 5.5 h
     assert coverage.nightly_capacity(s, 5.5 * 3600) == 895_714
     assert coverage.nightly_capacity(s, 0) == 0
