@@ -16,8 +16,8 @@ reservation horizon, and if the cap binds, the rate could not have been used any
 one-second window; with N = floor(rate) (at least 1) it may see at most N. Grants are spaced by
 a fixed interval T = max(1/rate, W/N) with W = 1 + `jitter_s` (GCRA with burst 1: each grant is
 at max(now, previous grant + T), never earlier). Any N+1 consecutive grants then span N*T >= W
-seconds, more than one second. The extra `jitter_s` (default 20 ms, i.e. the schedule runs at
-~98% of the limit) absorbs the difference in delay between a grant and its arrival at Midas
+seconds, more than one second. The extra `jitter_s` (default 50 ms, i.e. the schedule runs at
+~95% of the limit) absorbs the difference in delay between a grant and its arrival at Midas
 (sleep overshoot, GIL, network): as long as that delay varies by less than `jitter_s` between
 requests, any one-second window of arrivals maps onto a window of grants narrower than W, which
 holds at most N. Arrivals are never early (nobody goes before its moment), so the condition is
@@ -314,7 +314,7 @@ class LocalLimiter(_ScheduledLimiter):
         rate: float,
         max_in_flight: int,
         *,
-        jitter_s: float = 0.02,
+        jitter_s: float = 0.05,
         horizon_s: float = 1.0,
     ) -> None:
         super().__init__(rate, max_in_flight, jitter_s=jitter_s, horizon_s=horizon_s)
@@ -475,7 +475,7 @@ class RedisLimiter(_ScheduledLimiter):
         max_in_flight: int,
         *,
         prefix: str = "midas:limiter",
-        jitter_s: float = 0.02,
+        jitter_s: float = 0.05,
         horizon_s: float = 1.0,
         lease_s: float = 60.0,
     ) -> None:
