@@ -86,8 +86,8 @@ _LATE_SHARE = 0.5
 # wake-ups are one-off stalls); from this many in a row on, each asks for a gap after its
 # moment. A gap after every late wake-up cost a third of the rate at 400/s on a loaded worker.
 _PLAIN_RESCHEDULES = 2
-# The longest gap a re-reservation asks for: a caller that is still later than this goes with
-# a gap of this size (a one-second stall is far beyond anything a margin could absorb anyway).
+# The longest gap a re-reservation asks for: a caller later than the tolerance plus this keeps
+# re-reserving (a one-second stall is far beyond anything a margin could absorb anyway).
 _MAX_GAP_S = 1.0
 # How long a reading of the server's clock stays usable for the offset: clocks drift apart
 # (NTP slews the wall clock by up to 0.5 ms/s), so old tight readings must not win forever.
