@@ -1,7 +1,7 @@
 """The ledger by time: an index on `ledger_entries.occurred_at` for the daily statement.
 
-Revision ID: 20261204_0007
-Revises: 20261204_0006
+Revision ID: 20261204_0008
+Revises: 20261204_0007
 Create Date: 2026-12-04
 
 `report daily` reads the ledger by time twice: the business day's ledger (local midnight to
@@ -20,8 +20,8 @@ from collections.abc import Sequence
 
 from alembic import op
 
-revision: str = "20261204_0007"
-down_revision: str | None = "20261204_0006"
+revision: str = "20261204_0008"
+down_revision: str | None = "20261204_0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
