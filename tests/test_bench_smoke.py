@@ -103,6 +103,10 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
     reports = res["reports"]["figures"]
     assert reports["snapshots"] == 30 * reports["accounts"]
     assert set(reports["seconds_by_format"]) == {"table", "json", "csv", "html"}
+    # The per-query breakdown saw the statement's queries, slowest first.
+    seconds = [spent for spent, _sql in reports["queries_s"]]
+    assert seconds == sorted(seconds, reverse=True)
+    assert any("ledger_entries" in sql for _spent, sql in reports["queries_s"])
 
     # Planning: 895 a night over 2,000 accounts; the modelled week sees them all by night 3
     # and then keeps every one within the week, the movers the night after.

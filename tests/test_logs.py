@@ -18,6 +18,7 @@ from worker.logs import (
     configure_logging,
     redact,
     register_secret,
+    register_settings_secrets,
 )
 
 
@@ -115,6 +116,22 @@ def test_many_runtime_secrets_stay_fast() -> None:
         out = redact(line)
     assert REDACTED in out and "004999" not in out
     assert time.perf_counter() - started < 2.0  # ~ms per line, whatever the number of keys
+
+
+def test_the_runtime_registry_is_bounded_and_keeps_the_latest_keys() -> None:
+    from worker import logs
+
+    register_settings_secrets(load_settings({"MIDAS_APP_KEY": "pinned-appkey-bounded-test"}))
+    count = logs._MAX_RUNTIME_SECRETS  # each key has 2 forms: twice the bound in forms
+    for i in range(count):
+        register_secret(f"bounded-session-key-{i:06d}==")
+    assert len(logs._registry._runtime) <= logs._MAX_RUNTIME_SECRETS
+    held = sum(len(forms) for forms in logs._registry._by_len.values())
+    assert held <= logs._MAX_RUNTIME_SECRETS + len(logs._registry._pinned)
+    latest = f"bounded-session-key-{count - 1:06d}=="
+    assert redact(f"x {latest} y") == f"x {REDACTED} y"
+    assert redact("x bounded-session-key-000000== y") == "x bounded-session-key-000000== y"
+    assert redact("x pinned-appkey-bounded-test y") == f"x {REDACTED} y"  # never evicted
 
 
 def test_configure_logging_once_with_settings_secrets() -> None:

@@ -40,7 +40,12 @@ _NAMED = re.compile(
 
 # Runtime secrets (tokens, session keys) are kept in a bounded registry: a long-running worker
 # meets millions of session keys, and one that left memory long ago will not be logged again.
-_MAX_RUNTIME_SECRETS = 50_000
+# The bound counts forms (up to 4 per secret, _forms). A process holds the keys of one batch
+# at a time (at most 200 accounts, worker.recon.runs.MAX_BATCH), and every fetch registers
+# its key again just before using it; 8,192 forms keep the last 2,048 keys or more (ten
+# batches) in ~2 MiB. The former 50,000 was the owner of the pool processes' RSS growth from
+# 10k to 100k accounts (+18 MiB as it filled, bench/memtrace.py, docs/benchmarks.md §4).
+_MAX_RUNTIME_SECRETS = 8_192
 
 
 class _Registry:

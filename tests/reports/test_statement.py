@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
+from sqlalchemy import select
 
-from tests.reports.conftest import CAL, EXPECTED, TREND_OPEN, TREND_TOTALS, Z2, D
+from tests.reports.conftest import CAL, EXPECTED, T1, TREND_OPEN, TREND_TOTALS, Z2, D
 from worker.db.models import BalanceSnapshot
 from worker.db.session import session_scope
 from worker.reports.statement import (
@@ -69,6 +70,29 @@ def test_without_a_previous_run_the_movement_is_unknown_not_zero(
     for line in [*st.zones, st.total]:
         assert all(getattr(line, f) is None for f in MOVEMENT_FIELDS)
     assert st.total.balance == 964 and st.total.day_net == 396  # the rest is still known
+
+
+def test_after_a_backfill_the_ledger_window_runs_backwards(
+    seeded: tuple[str, dict[str, int]],
+) -> None:
+    """The previous date's run fetched a day after this one (a backfill): the ledger between
+    this fetch and that one is taken with a minus sign, its bounds as in the forward case."""
+    url, ids = seeded
+    with session_scope(url) as session:
+        for snap in session.scalars(
+            select(BalanceSnapshot).where(BalanceSnapshot.run_id == ids["r1"])
+        ):
+            snap.fetched_at = T1[snap.openid] + dt.timedelta(days=1)
+    with session_scope(url) as session:
+        st = build_statement(session, D, calendar=CAL)
+    z1, z2 = st.zones
+    # a1: (t1, t1 + 1 day]: L06 sits exactly at t1 (outside), L11 (save 999) inside;
+    # a2: L08 (cost 15). b1: L13 (cost 100); L12 is before its t1.
+    assert (z1.top_ups, z1.gifts, z1.spends, z1.cancels) == (-999, 0, -15, 0)
+    assert (z2.top_ups, z2.gifts, z2.spends, z2.cancels) == (0, 0, -100, 0)
+    # The counters do not depend on the order of the fetches.
+    assert (z1.compared, z1.opening_balance, z1.closing_balance) == (2, 300, 394)
+    assert z1.expected_closing == 300 - 999 + 15
 
 
 def test_a_zone_with_no_observed_account_has_unknown_totals(

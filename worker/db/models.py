@@ -119,6 +119,9 @@ class LedgerEntry(Base):
         CheckConstraint("amount > 0", name="amount_positive"),
         # Per-account totals up to a time read only this index's range, never the whole ledger.
         Index("ix_ledger_entries_account_time", "openid", "zone_id", "occurred_at"),
+        # The statement reads the ledger by time: the business day, and the rows between
+        # two nights' fetches (worker/reports/statement.py).
+        Index("ix_ledger_entries_occurred_at", "occurred_at"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
