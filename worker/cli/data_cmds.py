@@ -7,7 +7,6 @@ number and reason, and nothing is stored.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 import click
 from sqlalchemy.engine import make_url
@@ -244,12 +243,9 @@ def _recheck_late_accounts(cfg: Settings, before: int) -> None:
     planned = sum(len(b.account_ids) for b in batches)
     run_id = batches[0].run_id
     if not cfg.embedded:
+        from worker import dispatch
 
-        def send(tasks: ModuleType) -> None:
-            for batch in batches:
-                tasks.dispatch_batch(batch, "recheck")
-
-        broker(send)
+        broker(lambda: dispatch.send_batches(batches, "recheck"))
         click.echo(f"recheck run #{run_id}: {planned} accounts compared before these rows, sent")
         return
     from worker.midas.limiter import make_limiter

@@ -125,7 +125,9 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
             "flight, then plans"
         )
     if started.status in ("running", "planning"):
-        broker(lambda tasks: tasks.request_pump(started.run_id))
+        from worker import dispatch
+
+        broker(lambda: dispatch.request_pump(started.run_id))
     if wait:
         final = _watch(s, started.run_id, timeout=timeout)
     else:
@@ -372,7 +374,9 @@ def recheck_cmd(openid: str, zone_id: str, wait: bool, timeout: float, enroll: b
     if s.embedded:
         _recheck_inline(s, batch)
     else:
-        broker(lambda tasks: tasks.dispatch_batch(batch, "recheck"))
+        from worker import dispatch
+
+        broker(lambda: dispatch.send_batch(batch, "recheck"))
         click.echo(
             f"recheck run #{batch.run_id} sent for {request.openid} (zone {request.zone_id})"
         )

@@ -55,10 +55,10 @@ class Actions:
                 target=self._fetch_inline, args=(batch,), name="console-recheck", daemon=True
             ).start()
         else:
-            from worker import tasks
+            from worker import dispatch
 
             try:
-                tasks.dispatch_batch(batch, "recheck")
+                dispatch.send_batch(batch, "recheck")
             except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds)
                 raise ActionRefused(
                     f"recheck run #{batch.run_id} planned but not sent: Redis unreachable "
@@ -137,9 +137,9 @@ def _ping_redis(url: str) -> str:
 
 
 def _ping_workers() -> list[str]:
-    from worker import tasks
+    from worker.celery_app import app
 
-    replies = tasks.fetch_batch.app.control.ping(timeout=PING_TIMEOUT_S) or []
+    replies = app.control.ping(timeout=PING_TIMEOUT_S) or []
     names = sorted(name for reply in replies for name in reply)
     if not names:
         raise NoWorkers(f"no worker answered a ping within {PING_TIMEOUT_S:.0f} s")
