@@ -31,6 +31,7 @@ import redis
 from worker import business_calendar as clock
 from worker.celery_app import MAX_COUNTDOWN_S, NIGHTLY_QUEUE, RECHECK_QUEUE, app
 from worker.config import Settings, get_settings
+from worker.db.session import after_commit, session_scope
 from worker.recon.batches import Batch
 
 if TYPE_CHECKING:
@@ -237,7 +238,6 @@ def run_closed(run_id: int) -> None:
     """
     try:
         from worker.alerts.service import raise_for_run
-        from worker.db.session import after_commit, session_scope
 
         settings = runtime().settings
         with session_scope(settings.DATABASE_URL) as session:

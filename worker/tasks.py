@@ -1,6 +1,8 @@
 """Celery tasks: JSON ids in, one transaction around one service call, follow-ups after it.
 
-The follow-ups (the next messages, the Redis keys that go with them) are worker.dispatch's.
+The follow-ups (the next messages, the Redis keys that go with them) are worker.dispatch's,
+registered with `after_commit` inside the transaction: sent once it committed, never when it
+rolled back.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from worker.celery_app import (
 )
 from worker.config import ConfigError, get_settings
 from worker.db.runs import unfinished_runs
-from worker.db.session import session_scope
+from worker.db.session import after_commit, session_scope
 from worker.recon import rechecks
 from worker.recon import runs as service
 from worker.recon.batches import parse_claim
@@ -76,17 +78,14 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
     day = dt.date.fromisoformat(business_date) if business_date is not None else None
     if not isinstance(trigger, str) or not 0 < len(trigger := strip_controls(trigger)) <= 32:
         raise ValueError("trigger must be a short name")
-    rt = dispatch.runtime()
+    settings = dispatch.runtime().settings
     try:
-        with session_scope(rt.settings.DATABASE_URL) as session:
-            started = service.start_nightly(
-                session, rt.settings, business_date=day, trigger=trigger
-            )
+        with session_scope(settings.DATABASE_URL) as session:
+            started = service.start_nightly(session, settings, business_date=day, trigger=trigger)
+            if started.status in ("running", "planning"):  # planning: waits for the night before
+                after_commit(session, lambda: dispatch.request_pump(started.run_id))
     except FutureDate as exc:
         log.error("nightly_refused", extra={"reason": str(exc)})  # a retry cannot help
-        return
-    if started.status in ("running", "planning"):  # planning: it waits for the night before
-        dispatch.request_pump(started.run_id)
 
 
 @project_task("pump")
@@ -104,10 +103,11 @@ def pump(run_id: int) -> None:
             is_alive=dispatch.claim_alive(run_id),
             settings=settings,
         )
-    if result.status != "running":
-        dispatch.run_closed(run_id)
-    dispatch.send_batches(result.batches, result.kind)
-    dispatch.request_pumps(result.wake)  # the night before closed: the next one may plan now
+        if result.status != "running":
+            after_commit(session, lambda: dispatch.run_closed(run_id))
+        after_commit(session, lambda: dispatch.send_batches(result.batches, result.kind))
+        # The night before closed: the next one may plan now.
+        after_commit(session, lambda: dispatch.request_pumps(result.wake))
 
 
 @project_task("fetch_batch", soft_time_limit=FETCH_SOFT_LIMIT_S, time_limit=FETCH_HARD_LIMIT_S)
@@ -128,7 +128,7 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         # the variable, never a value) and resumes with `midas-recon run --date D`.
         with session_scope(rt.settings.DATABASE_URL) as session:
             service.fail_run(session, run_id, f"configuration: {exc}")
-        dispatch.run_closed(run_id)
+            after_commit(session, lambda: dispatch.run_closed(run_id))
         return
     with dispatch.heartbeat(run_id, token):
         result = service.run_batch(
@@ -138,7 +138,7 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
             account_ids,
             token,
         )
-    # run_batch committed what it stored: its follow-ups may go.
+    # run_batch owns its two transactions and has committed both: its follow-ups may go.
     if result.stopped is not None:
         dispatch.run_closed(run_id)
     if result.kind is not None:
@@ -160,7 +160,7 @@ def sweep() -> None:
     """Pump every running run: lost pumps, stale claims and unfinalized runs heal here."""
     with session_scope(get_settings().DATABASE_URL) as session:
         running = unfinished_runs(session)
-    dispatch.request_pumps(run_id for run_id, _kind in running)
+        after_commit(session, lambda: dispatch.request_pumps(run_id for run_id, _ in running))
 
 
 @project_task("recheck", retry_on=TRANSIENT)
@@ -180,12 +180,17 @@ def recheck(
     try:
         with session_scope(rt.settings.DATABASE_URL) as session:
             batch = rechecks.plan_recheck(session, rt.settings, request)
+            after_commit(
+                session,
+                lambda: dispatch.send_batch(batch, "recheck", countdown=rechecks.RECHECK_DELAY_S),
+            )
     except BaseException:
         # Planning failed (the task retries on a transient error): a burst key left behind
-        # would debounce the retry itself, and the recheck would be lost.
+        # would debounce the retry itself, and the recheck would be lost. (The burst key is
+        # taken before planning, not after: two messages of one burst planned side by side
+        # would make two runs.)
         rechecks.forget_burst(rt.redis, request.openid, request.zone_id)
         raise
-    dispatch.send_batch(batch, "recheck", countdown=rechecks.RECHECK_DELAY_S)
 
 
 @project_task("record_login", retry_on=TRANSIENT)
@@ -219,10 +224,9 @@ def scan_ledger() -> None:
     state = rechecks.ScanState.loads(raw) if raw else None
     with session_scope(dispatch.runtime().settings.DATABASE_URL) as session:
         result = rechecks.scan_ledger(session, state)
-    if result.busy:
-        return
-    dispatch.save_ledger_scan_state(result.state.dumps())
-    dispatch.send_rechecks(result.accounts, "ledger")
+        if not result.busy:
+            after_commit(session, lambda: dispatch.save_ledger_scan_state(result.state.dumps()))
+            after_commit(session, lambda: dispatch.send_rechecks(result.accounts, "ledger"))
 
 
 @project_task("confirm_pass", soft_time_limit=120, time_limit=150)
@@ -231,7 +235,7 @@ def confirm_pass() -> None:
     settings = dispatch.runtime().settings
     with session_scope(settings.DATABASE_URL) as session:
         batches = rechecks.plan_confirm_pass(session, settings, size=service.batch_size(settings))
-    dispatch.send_batches(batches, "confirm")
+        after_commit(session, lambda: dispatch.send_batches(batches, "confirm"))
 
 
 # -- alerts (worker/alerts) ---------------------------------------------------------------------
@@ -294,4 +298,4 @@ def check_alerts() -> None:
         )
         again = alerts.stalled(session, rt.settings, now)
         alerts.refresh_gauges(session, rt.settings, pauses_last_hour=pauses)
-    dispatch.send_alerts([*new, *again])
+        after_commit(session, lambda: dispatch.send_alerts([*new, *again]))

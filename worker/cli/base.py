@@ -104,12 +104,17 @@ def parse_date(value: str, option: str = "--date") -> dt.date:
         raise UsageError(f"{option} {value!r} is not a date (YYYY-MM-DD)") from None
 
 
-def broker(send: Callable[[], None]) -> None:
-    """Send through worker.dispatch (its app is built from this environment)."""
-    try:
-        send()
-    except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
-        raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None
+def broker(send: Callable[[], None]) -> Callable[[], None]:
+    """`send` (through worker.dispatch, whose app is built from this environment), for
+    `after_commit`: a broker that cannot be reached is one line."""
+
+    def sending() -> None:
+        try:
+            send()
+        except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
+            raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None
+
+    return sending
 
 
 def table(header: Sequence[str], rows: list[list[str]]) -> str:

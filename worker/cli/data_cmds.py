@@ -232,20 +232,21 @@ def _recheck_late_accounts(cfg: Settings, before: int) -> None:
     """Recheck the accounts a late file made stale (see ledger_import)."""
     from functools import partial
 
-    from worker.db.session import session_scope
+    from worker.db.session import after_commit, session_scope
     from worker.recon.rechecks import plan_late_ledger_rechecks
     from worker.recon.runs import batch_size
 
     with database_errors(), session_scope(cfg.DATABASE_URL) as session:
         batches = plan_late_ledger_rechecks(session, cfg, after_id=before, size=batch_size(cfg))
+        if batches and not cfg.embedded:
+            from worker import dispatch
+
+            after_commit(session, broker(lambda: dispatch.send_batches(batches, "recheck")))
     if not batches:
         return
     planned = sum(len(b.account_ids) for b in batches)
     run_id = batches[0].run_id
     if not cfg.embedded:
-        from worker import dispatch
-
-        broker(lambda: dispatch.send_batches(batches, "recheck"))
         click.echo(f"recheck run #{run_id}: {planned} accounts compared before these rows, sent")
         return
     from worker.midas.limiter import make_limiter

@@ -88,7 +88,8 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
         if s.embedded:
             _run_embedded(s, business_date)
             return
-        from worker.db.session import session_scope
+        from worker import dispatch
+        from worker.db.session import after_commit, session_scope
         from worker.recon.runs import start_nightly
 
         with database_errors(), session_scope(s.DATABASE_URL) as session:
@@ -99,6 +100,8 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
                 trigger="cli",
                 resume_failed=True,
             )
+            if started.status in ("running", "planning"):
+                after_commit(session, broker(lambda: dispatch.request_pump(started.run_id)))
     except FutureDate as exc:
         raise UsageError(str(exc)) from None
     verb = "started" if started.created else "resumed" if started.resumed_from else "joined"
@@ -124,10 +127,6 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
             f"{', '.join(f'#{i}' for i in started.waiting_for)} to store its batches in "
             "flight, then plans"
         )
-    if started.status in ("running", "planning"):
-        from worker import dispatch
-
-        broker(lambda: dispatch.request_pump(started.run_id))
     if wait:
         final = _watch(s, started.run_id, timeout=timeout)
     else:
@@ -358,7 +357,7 @@ def recheck_cmd(openid: str, zone_id: str, wait: bool, timeout: float, enroll: b
     always in embedded mode): 0 when Midas answered or the account is unobservable, 1 on an
     error answer or when no worker answered in time; 2 an unknown account (see --enroll).
     """
-    from worker.db.session import session_scope
+    from worker.db.session import after_commit, session_scope
     from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
 
     s = settings()
@@ -369,14 +368,15 @@ def recheck_cmd(openid: str, zone_id: str, wait: bool, timeout: float, enroll: b
     try:
         with database_errors(), session_scope(s.DATABASE_URL) as session:
             batch = plan_recheck(session, s, request, enroll=enroll)
+            if not s.embedded:
+                from worker import dispatch
+
+                after_commit(session, broker(lambda: dispatch.send_batch(batch, "recheck")))
     except RecheckRejected as exc:
         raise UsageError(str(exc)) from None
     if s.embedded:
         _recheck_inline(s, batch)
     else:
-        from worker import dispatch
-
-        broker(lambda: dispatch.send_batch(batch, "recheck"))
         click.echo(
             f"recheck run #{batch.run_id} sent for {request.openid} (zone {request.zone_id})"
         )

@@ -17,7 +17,8 @@ from typing import Any
 from sqlalchemy import text
 
 from worker.config import Settings
-from worker.db.session import session_scope
+from worker.db.session import after_commit, session_scope
+from worker.recon.batches import Batch
 from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
 
 log = logging.getLogger(__name__)
@@ -50,23 +51,26 @@ class Actions:
             raise ActionRefused(str(exc)) from None
         with session_scope(self.settings.DATABASE_URL) as session:
             batch = plan_recheck(session, self.settings, request)
+            after_commit(session, lambda: self._fetch(batch))
+        return batch.run_id
+
+    def _fetch(self, batch: Batch) -> None:
         if self.settings.embedded:
             threading.Thread(
                 target=self._fetch_inline, args=(batch,), name="console-recheck", daemon=True
             ).start()
-        else:
-            from worker import dispatch
+            return
+        from worker import dispatch
 
-            try:
-                dispatch.send_batch(batch, "recheck")
-            except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds)
-                raise ActionRefused(
-                    f"recheck run #{batch.run_id} planned but not sent: Redis unreachable "
-                    f"({type(exc).__name__}); the sweep sends it when Redis is back"
-                ) from None
-        return batch.run_id
+        try:
+            dispatch.send_batch(batch, "recheck")
+        except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds)
+            raise ActionRefused(
+                f"recheck run #{batch.run_id} planned but not sent: Redis unreachable "
+                f"({type(exc).__name__}); the sweep sends it when Redis is back"
+            ) from None
 
-    def _fetch_inline(self, batch: Any) -> None:
+    def _fetch_inline(self, batch: Batch) -> None:
         from worker.recon.runs import FetchDeps, batch_size, drive
 
         try:
