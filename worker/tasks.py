@@ -147,14 +147,6 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         dispatch.schedule_confirm(result.confirm_due)
 
 
-@project_task("finalize")
-def finalize(run_id: int) -> None:
-    """Close the run if every item is done (the pump does this too; this is for operators)."""
-    run_id = _run_id(run_id)
-    with session_scope(get_settings().DATABASE_URL) as session:
-        service.finalize(session, run_id)
-
-
 @project_task("sweep")
 def sweep() -> None:
     """Pump every running run: lost pumps, stale claims and unfinalized runs heal here."""
