@@ -183,6 +183,10 @@ def list_cases(session: Session, statuses: Iterable[str] | None = None) -> list[
     return list(session.scalars(query))
 
 
+def get_case(session: Session, case_id: int) -> MismatchCase | None:
+    return session.get(MismatchCase, case_id)
+
+
 def case_events(session: Session, case_id: int) -> list[MismatchEvent]:
     """A case's history in the order it was written (the case's row lock orders writers;
     `at` comes from each writer's clock and the caller's `now`)."""

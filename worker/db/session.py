@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Engine, Table, create_engine, event
+from sqlalchemy import Engine, Table, create_engine, event, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -80,6 +80,11 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         session.close()
     for callback in callbacks:
         callback()
+
+
+def ping(session: Session) -> None:
+    """One round trip to the database (the console's health probe)."""
+    session.execute(text("SELECT 1"))
 
 
 def dialect_insert(session: Session, table: Table) -> postgresql.Insert | sqlite.Insert:

@@ -14,10 +14,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from sqlalchemy import text
-
 from worker.config import Settings
-from worker.db.session import after_commit, session_scope
+from worker.db.session import after_commit, ping, session_scope
 from worker.recon.batches import Batch
 from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
 
@@ -57,7 +55,10 @@ class Actions:
     def _fetch(self, batch: Batch) -> None:
         if self.settings.embedded:
             threading.Thread(
-                target=self._fetch_inline, args=(batch,), name="console-recheck", daemon=True
+                target=self._fetch_inline,
+                args=(batch,),
+                name="console-recheck",
+                daemon=True,
             ).start()
             return
         from worker import dispatch
@@ -98,7 +99,10 @@ class Actions:
         if self.settings.embedded:
             out["redis"] = {"ok": None, "detail": "not used (embedded mode)"}
             out["limiter_paused_until"] = _pause_end(self._local_limiter())
-            out["workers"] = {"ok": None, "detail": "embedded mode: this process fetches"}
+            out["workers"] = {
+                "ok": None,
+                "detail": "embedded mode: this process fetches",
+            }
             return out
         out["redis"] = _check(lambda: _ping_redis(self.settings.REDIS_URL or ""))
         try:
@@ -120,12 +124,16 @@ def _check(probe: Any) -> dict[str, Any]:
         return {"ok": False, "detail": str(exc)}
     except Exception as exc:  # noqa: BLE001  (any failure means "not reachable"; no secret)
         return {"ok": False, "detail": type(exc).__name__}
-    return {"ok": True, "detail": detail, "ms": round(1000 * (time.monotonic() - started), 1)}
+    return {
+        "ok": True,
+        "detail": detail,
+        "ms": round(1000 * (time.monotonic() - started), 1),
+    }
 
 
 def _ping_database(url: str) -> str:
     with session_scope(url) as session:
-        session.execute(text("SELECT 1"))
+        ping(session)
     return "reachable"
 
 
