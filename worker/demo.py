@@ -41,6 +41,7 @@ from cryptography.fernet import Fernet
 from worker import business_calendar as clock
 from worker.config import SECRET_VARIABLES, Settings, get_settings
 from worker.simulator import SimConfig, Simulator
+from worker.vocabulary import CaseStatus, RunStatus, SnapshotStatus
 
 SETTLE_SECONDS = 3  # short, so the confirm pass runs within the demo
 ZONES = ("1", "2")
@@ -114,7 +115,7 @@ class Result:
         """Found exactly what was planted: no more, no less, and the run complete."""
         p = self.plan
         return (
-            self.status == "complete"
+            self.status == RunStatus.COMPLETE
             and self.planned == p.planned
             and self.error == 0
             and {(o, z) for o, z, _ in self.confirmed} == p.mismatched
@@ -387,7 +388,7 @@ def _reconcile(
     def progress(p: RunProgress) -> None:  # at most one line a second, and the last one
         nonlocal last_at, last_seen
         now, seen = time.monotonic(), (p.status, p.done)
-        if seen != last_seen and (p.status != "running" or now - last_at >= 1):
+        if seen != last_seen and (p.status != RunStatus.RUNNING or now - last_at >= 1):
             last_at, last_seen = now, seen
             echo(f"demo: run #{p.run_id} {p.status}, {p.done}/{p.planned} accounts fetched")
 
@@ -411,7 +412,7 @@ def _reconcile(
         if run_row is None:
             raise DemoError(f"run #{run.id} vanished")
         cases = [(c.openid, c.zone_id, c.check, c.status) for c in list_cases(session)]
-        unobservable = accounts_with_status(session, run.id, "unobservable")
+        unobservable = accounts_with_status(session, run.id, SnapshotStatus.UNOBSERVABLE)
         opened = len(cases)
         statement = build_statement(session, run_row.business_date, calendar=settings.calendar)
         trend = build_trend(session, run_row.business_date, calendar=settings.calendar)
@@ -433,9 +434,9 @@ def _reconcile(
             unobservable=run_row.unobservable,
             error=run_row.error,
             opened=opened,
-            confirmed={(o, z, c) for o, z, c, s in cases if s == "confirmed"},
-            cleared={(o, z, c) for o, z, c, s in cases if s == "cleared"},
-            suspected_left=sum(1 for *_, s in cases if s == "suspected"),
+            confirmed={(o, z, c) for o, z, c, s in cases if s == CaseStatus.CONFIRMED},
+            cleared={(o, z, c) for o, z, c, s in cases if s == CaseStatus.CLEARED},
+            suspected_left=sum(1 for *_, s in cases if s == CaseStatus.SUSPECTED),
             unobservable_accounts=unobservable,
             residual=statement.total.residual,
             run_seconds=run_seconds,

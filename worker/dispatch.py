@@ -33,6 +33,7 @@ from worker.celery_app import MAX_COUNTDOWN_S, NIGHTLY_QUEUE, RECHECK_QUEUE, app
 from worker.config import Settings, get_settings
 from worker.db.session import after_commit, session_scope
 from worker.recon.batches import Batch
+from worker.vocabulary import RunKind
 
 if TYPE_CHECKING:
     from worker.recon.runs import FetchDeps
@@ -123,7 +124,7 @@ def send_batch(batch: Batch, kind: str, *, countdown: float | None = None) -> No
     """Mark the claim alive, then send the batch: nightly batches to the bulk lane, recheck
     and confirm batches to the fast one."""
     runtime().redis.set(claim_key(batch.run_id, batch.claim), "1", px=QUEUED_CLAIM_TTL_MS)
-    queue = NIGHTLY_QUEUE if kind == "nightly" else RECHECK_QUEUE
+    queue = NIGHTLY_QUEUE if kind == RunKind.NIGHTLY else RECHECK_QUEUE
     _send(
         "fetch_batch",
         (batch.run_id, batch.account_ids, batch.claim_token),
@@ -164,7 +165,7 @@ def heartbeat(run_id: int, claim: dt.datetime) -> Iterator[None]:
 
 def room(kind: str) -> int:
     """How many batches a pump of a run of `kind` may send now."""
-    if kind != "nightly":
+    if kind != RunKind.NIGHTLY:
         return FAST_LANE_BATCHES
     # Messages without a priority sit in the Redis list named after the queue (kombu).
     waiting = int(runtime().redis.llen(NIGHTLY_QUEUE))

@@ -31,6 +31,7 @@ from worker.recon import rechecks
 from worker.recon import runs as service
 from worker.recon.batches import parse_claim
 from worker.text import strip_controls
+from worker.vocabulary import RunKind, RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,10 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
     try:
         with session_scope(settings.DATABASE_URL) as session:
             started = service.start_nightly(session, settings, business_date=day, trigger=trigger)
-            if started.status in ("running", "planning"):  # planning: waits for the night before
+            if started.status in (
+                RunStatus.RUNNING,
+                RunStatus.PLANNING,
+            ):  # planning: waits for the night before
                 after_commit(session, lambda: dispatch.request_pump(started.run_id))
     except FutureDate as exc:
         log.error("nightly_refused", extra={"reason": str(exc)})  # a retry cannot help
@@ -103,7 +107,7 @@ def pump(run_id: int) -> None:
             is_alive=dispatch.claim_alive(run_id),
             settings=settings,
         )
-        if result.status != "running":
+        if result.status != RunStatus.RUNNING:
             after_commit(session, lambda: dispatch.run_closed(run_id))
         after_commit(session, lambda: dispatch.send_batches(result.batches, result.kind))
         # The night before closed: the next one may plan now.
@@ -174,7 +178,9 @@ def recheck(
             batch = rechecks.plan_recheck(session, rt.settings, request)
             after_commit(
                 session,
-                lambda: dispatch.send_batch(batch, "recheck", countdown=rechecks.RECHECK_DELAY_S),
+                lambda: dispatch.send_batch(
+                    batch, RunKind.RECHECK, countdown=rechecks.RECHECK_DELAY_S
+                ),
             )
     except BaseException:
         # Planning failed (the task retries on a transient error): a burst key left behind
@@ -227,7 +233,7 @@ def confirm_pass() -> None:
     settings = dispatch.runtime().settings
     with session_scope(settings.DATABASE_URL) as session:
         batches = rechecks.plan_confirm_pass(session, settings, size=service.batch_size(settings))
-        after_commit(session, lambda: dispatch.send_batches(batches, "confirm"))
+        after_commit(session, lambda: dispatch.send_batches(batches, RunKind.CONFIRM))
 
 
 # -- alerts (worker/alerts) ---------------------------------------------------------------------

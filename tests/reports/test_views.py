@@ -9,10 +9,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from tests.reports.conftest import CAL, D, seed
-from worker.db.models import OPEN_CASE_STATUSES, MismatchCase
+from worker.db.models import MismatchCase
 from worker.db.session import session_scope
 from worker.db.statement import open_cases_at
 from worker.reports.statement import MOVEMENT_FIELDS, Statement, build_statement
+from worker.vocabulary import OPEN_CASE_STATUSES
 
 pytestmark = pytest.mark.integration
 

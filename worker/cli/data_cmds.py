@@ -21,6 +21,7 @@ from worker.cli.base import (
     settings,
 )
 from worker.config import Settings
+from worker.vocabulary import RunKind
 
 
 def _where(url: str) -> str:
@@ -241,7 +242,7 @@ def _recheck_late_accounts(cfg: Settings, before: int) -> None:
         if batches and not cfg.embedded:
             from worker import dispatch
 
-            after_commit(session, broker(lambda: dispatch.send_batches(batches, "recheck")))
+            after_commit(session, broker(lambda: dispatch.send_batches(batches, RunKind.RECHECK)))
     if not batches:
         return
     planned = sum(len(b.account_ids) for b in batches)

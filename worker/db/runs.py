@@ -26,6 +26,7 @@ from worker.db.models import (
     RunItem,
 )
 from worker.db.session import dialect_insert
+from worker.vocabulary import CaseStatus, RunKind, RunStatus
 
 _runs = cast(Table, Run.__table__)
 _items = cast(Table, RunItem.__table__)
@@ -84,9 +85,9 @@ def insert_nightly_run(
         dialect_insert(session, _runs)
         .values(
             business_date=business_date,
-            kind="nightly",
+            kind=RunKind.NIGHTLY,
             trigger=trigger,
-            status="planning",
+            status=RunStatus.PLANNING,
             api_version=api_version,
             created_at=now,
         )
@@ -114,7 +115,7 @@ def insert_run(
             business_date=business_date,
             kind=kind,
             trigger=trigger,
-            status="running",
+            status=RunStatus.RUNNING,
             api_version=api_version,
             created_at=now,
             started_at=now,
@@ -128,7 +129,7 @@ def nightly_dates_after(session: Session, business_date: dt.date) -> list[dt.dat
     """Business dates later than `business_date` that have a nightly run."""
     query = (
         select(_runs.c.business_date)
-        .where(_runs.c.kind == "nightly", _runs.c.business_date > business_date)
+        .where(_runs.c.kind == RunKind.NIGHTLY, _runs.c.business_date > business_date)
         .order_by(_runs.c.business_date)
     )
     return list(session.execute(query).scalars())
@@ -136,7 +137,9 @@ def nightly_dates_after(session: Session, business_date: dt.date) -> list[dt.dat
 
 def nightly_run_id(session: Session, business_date: dt.date) -> int | None:
     return session.execute(
-        select(_runs.c.id).where(_runs.c.kind == "nightly", _runs.c.business_date == business_date)
+        select(_runs.c.id).where(
+            _runs.c.kind == RunKind.NIGHTLY, _runs.c.business_date == business_date
+        )
     ).scalar_one_or_none()
 
 
@@ -152,7 +155,9 @@ def mark_running(session: Session, run_id: int, *, planned: int, now: dt.datetim
         update(_runs)
         .where(_runs.c.id == run_id)
         .values(
-            status="running", planned=planned, started_at=func.coalesce(_runs.c.started_at, now)
+            status=RunStatus.RUNNING,
+            planned=planned,
+            started_at=func.coalesce(_runs.c.started_at, now),
         )
     )
 
@@ -162,12 +167,12 @@ def resume_failed(session: Session, run_id: int) -> str | None:
     row = session.execute(
         select(_runs.c.status, _runs.c.failure_reason).where(_runs.c.id == run_id).with_for_update()
     ).one()
-    if row.status != "failed":
+    if row.status != RunStatus.FAILED:
         return None
     session.execute(
         update(_runs)
         .where(_runs.c.id == run_id)
-        .values(status="running", failure_reason=None, finished_at=None)
+        .values(status=RunStatus.RUNNING, failure_reason=None, finished_at=None)
     )
     return str(row.failure_reason or "")
 
@@ -188,7 +193,7 @@ def unfinished_runs(session: Session) -> list[tuple[int, str]]:
     """(id, kind) of runs still running, or waiting to plan: what the sweep pumps."""
     rows = session.execute(
         select(_runs.c.id, _runs.c.kind)
-        .where(_runs.c.status.in_(("planning", "running")))
+        .where(_runs.c.status.in_((RunStatus.PLANNING, RunStatus.RUNNING)))
         .order_by(_runs.c.id)
     )
     return [(int(i), str(k)) for i, k in rows]
@@ -446,7 +451,7 @@ def accounts_in_flight(*, kind: str) -> Select[tuple[int]]:
         .join(_runs, _runs.c.id == _items.c.run_id)
         .where(
             _runs.c.kind == kind,
-            _runs.c.status == "running",
+            _runs.c.status == RunStatus.RUNNING,
             or_(_items.c.state == "pending", _items.c.state == "claimed"),
         )
     )
@@ -502,11 +507,11 @@ def due_confirm_accounts(
             (_cases.c.openid == _accounts.c.openid) & (_cases.c.zone_id == _accounts.c.zone_id),
         )
         .where(
-            _cases.c.status == "suspected",
+            _cases.c.status == CaseStatus.SUSPECTED,
             _cases.c.confirm_due_at <= now,
             _not_parked(),
             ~tried,
-            _accounts.c.id.not_in(accounts_in_flight(kind="confirm")),
+            _accounts.c.id.not_in(accounts_in_flight(kind=RunKind.CONFIRM)),
         )
         .distinct()
         .order_by(_accounts.c.id)
@@ -534,7 +539,7 @@ def last_confirm_due(session: Session, *, until: dt.datetime) -> dt.datetime | N
             (_cases.c.openid == _accounts.c.openid) & (_cases.c.zone_id == _accounts.c.zone_id),
         )
         .where(
-            _cases.c.status == "suspected",
+            _cases.c.status == CaseStatus.SUSPECTED,
             _cases.c.confirm_due_at <= until,
             _not_parked(),
             ~fetched_since_due,

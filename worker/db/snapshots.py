@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from worker.db.models import BalanceSnapshot
 from worker.db.session import dialect_insert
 from worker.midas.types import COUNTER_FIELDS
+from worker.vocabulary import SnapshotStatus
 
 _snapshots = cast(Table, BalanceSnapshot.__table__)
 
@@ -60,7 +61,9 @@ def insert_snapshots(
     params = []
     for row in rows:
         values = dict(row.values)
-        if (row.status == "ok") != bool(values) or (values and set(values) != set(VALUE_FIELDS)):
+        if (row.status == SnapshotStatus.OK) != bool(values) or (
+            values and set(values) != set(VALUE_FIELDS)
+        ):
             raise ValueError("a snapshot has all values exactly when its status is ok")
         params.append(
             {

@@ -30,6 +30,7 @@ from worker.recon.batches import Batch
 from worker.recon.cases import close_cases_of_removed_checks
 from worker.recon.intake import check_bill_no, check_openid, check_zone_id
 from worker.recon.rules import checks_from_settings
+from worker.vocabulary import RunKind
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ def plan_recheck(
         assert account is not None
     run_id = repo.insert_run(
         session,
-        kind="recheck",
+        kind=RunKind.RECHECK,
         business_date=settings.calendar.today(now),
         trigger=request.trigger,
         api_version=settings.MIDAS_API_VERSION,
@@ -175,7 +176,7 @@ def plan_late_ledger_rechecks(
     """
     now = now or clock.utcnow()
     accounts = ledger_repo.accounts_compared_without(session, after_id)
-    return _claimed_run(session, settings, "recheck", trigger, accounts, size=size, now=now)
+    return _claimed_run(session, settings, RunKind.RECHECK, trigger, accounts, size=size, now=now)
 
 
 def plan_confirm_pass(
@@ -197,7 +198,9 @@ def plan_confirm_pass(
         retry_after=now - dt.timedelta(seconds=CONFIRM_RETRY_S),
         limit=CONFIRM_PASS_LIMIT,
     )
-    return _claimed_run(session, settings, "confirm", "confirm-pass", accounts, size=size, now=now)
+    return _claimed_run(
+        session, settings, RunKind.CONFIRM, "confirm-pass", accounts, size=size, now=now
+    )
 
 
 def _claimed_run(

@@ -33,13 +33,14 @@ from sqlalchemy.orm import Session
 from worker.db import statement as q
 from worker.db.models import Run
 from worker.db.statement import EVENT_COLUMNS
+from worker.vocabulary import RunStatus
 
 if TYPE_CHECKING:
     from worker.business_calendar import BusinessCalendar
 
 TREND_DAYS = 30
 # Runs a statement can be made from: every account answered, or some left in error (counted).
-STATEMENT_RUN_STATUSES = ("complete", "incomplete")
+STATEMENT_RUN_STATUSES = (RunStatus.COMPLETE, RunStatus.INCOMPLETE)
 
 
 class StatementUnavailable(Exception):

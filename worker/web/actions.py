@@ -18,6 +18,7 @@ from worker.config import Settings
 from worker.db.session import after_commit, ping, session_scope
 from worker.recon.batches import Batch
 from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
+from worker.vocabulary import RunKind
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ class Actions:
         from worker import dispatch
 
         try:
-            dispatch.send_batch(batch, "recheck")
+            dispatch.send_batch(batch, RunKind.RECHECK)
         except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds)
             raise ActionRefused(
                 f"recheck run #{batch.run_id} planned but not sent: Redis unreachable "
