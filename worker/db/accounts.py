@@ -239,3 +239,9 @@ def stored_session_key(session: Session, openid: str, zone_id: str) -> str | Non
     return session.scalar(
         select(Account.session_key_enc).where(Account.openid == openid, Account.zone_id == zone_id)
     )
+
+
+def account_id(session: Session, openid: str, zone_id: str) -> int | None:
+    return session.execute(
+        select(_accounts.c.id).where(_accounts.c.openid == openid, _accounts.c.zone_id == zone_id)
+    ).scalar_one_or_none()
