@@ -26,7 +26,7 @@ from worker.celery_app import (
 )
 from worker.config import ConfigError, get_settings
 from worker.db.runs import unfinished_runs
-from worker.db.session import after_commit, session_scope
+from worker.db.session import after_commit, after_rollback, session_scope
 from worker.recon import rechecks
 from worker.recon import runs as service
 from worker.recon.batches import parse_claim
@@ -83,10 +83,8 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
     try:
         with session_scope(settings.DATABASE_URL) as session:
             started = service.start_nightly(session, settings, business_date=day, trigger=trigger)
-            if started.status in (
-                RunStatus.RUNNING,
-                RunStatus.PLANNING,
-            ):  # planning: waits for the night before
+            # Planning: it waits for the night before.
+            if started.status in (RunStatus.RUNNING, RunStatus.PLANNING):
                 after_commit(session, lambda: dispatch.request_pump(started.run_id))
     except FutureDate as exc:
         log.error("nightly_refused", extra={"reason": str(exc)})  # a retry cannot help
@@ -173,22 +171,19 @@ def recheck(
     if not rechecks.first_of_burst(rt.redis, request.openid, request.zone_id):
         log.info("recheck_debounced", extra={"openid": request.openid, "zone_id": request.zone_id})
         return
-    try:
-        with session_scope(rt.settings.DATABASE_URL) as session:
-            batch = rechecks.plan_recheck(session, rt.settings, request)
-            after_commit(
-                session,
-                lambda: dispatch.send_batch(
-                    batch, RunKind.RECHECK, countdown=rechecks.RECHECK_DELAY_S
-                ),
-            )
-    except BaseException:
-        # Planning failed (the task retries on a transient error): a burst key left behind
-        # would debounce the retry itself, and the recheck would be lost. (The burst key is
-        # taken before planning, not after: two messages of one burst planned side by side
-        # would make two runs.)
-        rechecks.forget_burst(rt.redis, request.openid, request.zone_id)
-        raise
+    with session_scope(rt.settings.DATABASE_URL) as session:
+        # If planning fails (the task retries on a transient error), a burst key left behind
+        # would debounce the retry itself and the recheck would be lost. The key is taken
+        # before planning, not after: two messages of one burst planned side by side would
+        # make two runs. A send failing after the commit keeps it: the sweep sends the batch.
+        after_rollback(
+            session, lambda: rechecks.forget_burst(rt.redis, request.openid, request.zone_id)
+        )
+        batch = rechecks.plan_recheck(session, rt.settings, request)
+        after_commit(
+            session,
+            lambda: dispatch.send_batch(batch, RunKind.RECHECK, countdown=rechecks.RECHECK_DELAY_S),
+        )
 
 
 @project_task("record_login", retry_on=TRANSIENT)

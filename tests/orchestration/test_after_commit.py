@@ -12,7 +12,7 @@ import redis
 from sqlalchemy import create_engine, func, select
 
 from worker.db.models import Run
-from worker.db.session import after_commit, session_scope
+from worker.db.session import after_commit, after_rollback, session_scope
 from worker.recon.rechecks import plan_recheck, validate_recheck
 
 pytestmark = pytest.mark.integration
@@ -32,12 +32,14 @@ def test_a_callback_runs_once_after_the_commit_and_never_after_a_rollback(db_url
     from worker.config import get_settings
 
     seen: list[int] = []
+    undone: list[int] = []
     with pytest.raises(RuntimeError, match="after planning"):
         with session_scope(db_url) as session:
             plan_recheck(session, get_settings(), validate_recheck("oGone", "1", "test"))
             after_commit(session, lambda: seen.append(count_runs(db_url)))
+            after_rollback(session, lambda: undone.append(count_runs(db_url)))
             raise RuntimeError("after planning")
-    assert seen == [] and count_runs(db_url) == 0
+    assert seen == [] and undone == [0] and count_runs(db_url) == 0
 
     with session_scope(db_url) as session:
         plan_recheck(session, get_settings(), validate_recheck("oKept", "1", "test"))
@@ -91,3 +93,21 @@ def test_a_pump_is_sent_once_after_its_run_is_committed(
         batch = plan_recheck(session, get_settings(), validate_recheck("oKept", "1", "test"))
         after_commit(session, lambda: dispatch.request_pump(batch.run_id))
     assert received == [(batch.run_id, True)]  # once; the pump found the committed run
+
+
+def test_a_failing_follow_up_is_not_a_rollback(db_url: str) -> None:
+    """The commit stands, the error reaches the caller, and what undoes a failed scope (the
+    recheck's burst key) is not undone."""
+    from worker.config import get_settings
+
+    undone: list[int] = []
+
+    def send() -> None:
+        raise ConnectionError("the broker is away")
+
+    with pytest.raises(ConnectionError):
+        with session_scope(db_url) as session:
+            plan_recheck(session, get_settings(), validate_recheck("oKept", "1", "test"))
+            after_rollback(session, lambda: undone.append(1))
+            after_commit(session, send)
+    assert undone == [] and count_runs(db_url) == 1

@@ -48,6 +48,7 @@ def _factory(url: str) -> sessionmaker[Session]:
 
 
 _AFTER_COMMIT = "midas_recon.after_commit"
+_AFTER_ROLLBACK = "midas_recon.after_rollback"
 
 
 def after_commit(session: Session, callback: Callable[[], object]) -> None:
@@ -58,6 +59,12 @@ def after_commit(session: Session, callback: Callable[[], object]) -> None:
     stands, and the callbacks after it are not run.
     """
     session.info.setdefault(_AFTER_COMMIT, []).append(callback)
+
+
+def after_rollback(session: Session, callback: Callable[[], object]) -> None:
+    """Run `callback` if the scope that owns `session` rolls back (its body or its commit
+    failed); never once it committed, even when an `after_commit` callback then fails."""
+    session.info.setdefault(_AFTER_ROLLBACK, []).append(callback)
 
 
 @contextmanager
@@ -73,7 +80,11 @@ def session_scope(url: str | None = None) -> Iterator[Session]:
         yield session
         session.commit()
     except BaseException:
-        session.rollback()
+        try:
+            session.rollback()
+        finally:
+            for undo in session.info.pop(_AFTER_ROLLBACK, []):
+                undo()
         raise
     finally:
         callbacks: list[Callable[[], object]] = session.info.pop(_AFTER_COMMIT, [])
