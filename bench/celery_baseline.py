@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Celery
 
+T = TypeVar("T")
 QUEUE = "baseline"
 RATE_LIMIT = os.environ.get("BENCH_RATE_LIMIT", "100/s")
 
@@ -40,6 +41,10 @@ class NoLimit:
     @contextmanager
     def slot(self) -> Iterator[None]:
         yield
+
+    @contextmanager
+    def slot_prepared(self, prepare: Callable[[], T]) -> Iterator[T]:
+        yield prepare()
 
     def pause_until(self, unix_ts: float) -> None:
         return None

@@ -8,8 +8,11 @@ bodies and a real broker: this process runs `worker.tasks.start_nightly`, `pump`
 broker holds what it holds in production; only the Celery worker loop is this driver.
 
 Figures: wall time of plan and night, µs per account (flat within ±20% is the goal), Postgres
-rows and bytes per account per night (pg_total_relation_size before and after), and the peak
-of the broker's memory (MEMORY USAGE over our Redis database).
+rows and bytes per account per night (pg_total_relation_size before and after), the peak
+of the broker's memory (MEMORY USAGE over our Redis database), and the peak RSS of the
+process that ran the task bodies through the night (VmHWM): each size runs in a fresh child
+process, and the peak is reset once the world is seeded (/proc/self/clear_refs), so it is the
+worker side's memory, not the seeding's.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import multiprocessing
+import os
+import queue
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +35,7 @@ from bench.common import (
     environment,
     flush_redis,
     midas_counters,
+    proc_status_kib,
     redis_db_bytes,
     run_status,
     say,
@@ -83,8 +90,8 @@ def night(url: str, env: dict[str, str], day: dt.date) -> dict[str, Any]:
     stages = Stages(clock=time.perf_counter)
     for owner, attr, stage in (
         (repo, "claim_pending", "claim"),
-        (repo, "take_back_stale", "pump: claim checks"),
         (repo, "claims_before", "pump: claim checks"),
+        (repo, "take_back_claims", "pump: claim checks"),
         (repo, "has_open_items", "pump: anything left"),
         (repo, "start_items", "start items"),
         (runs, "insert_snapshots", "store snapshots"),
@@ -94,6 +101,8 @@ def night(url: str, env: dict[str, str], day: dt.date) -> dict[str, Any]:
         (cases_repo, "lock_open_cases", "  open cases"),
         (repo, "lock_held", "mark done"),
         (repo, "mark_done", "mark done"),
+        (repo, "close_claim", "mark done"),
+        (repo, "refresh_item_statistics", "plan: analyze run_items"),
     ):
         if hasattr(owner, attr):
             stages.wrap(owner, attr, stage)
@@ -163,7 +172,10 @@ def one_size(n: int) -> dict[str, Any]:
         seeded = time.monotonic() - seeding
         flush_redis(REDIS_URL)
         before = table_sizes(url)
+        rss_reset = _reset_peak_rss()
+        rss_start = proc_status_kib(os.getpid(), "VmRSS")
         result = night(url, env, dt.date(2026, 11, 23))
+        rss_peak = proc_status_kib(os.getpid(), "VmHWM")
         after = table_sizes(url)
         from worker.db.runs import nightly_run_id
         from worker.db.session import session_scope
@@ -199,24 +211,64 @@ def one_size(n: int) -> dict[str, Any]:
             for k, v in sorted(result["stage_wall_s"].items(), key=lambda kv: -kv[1])
         },
         "ledger_bytes_per_account": round(after["ledger_entries"][1] / n, 1),
+        # This process ran the task bodies: its peak is the worker side's (plus the driver).
+        "night_peak_rss_mib": round(rss_peak / 1024, 1),
+        "night_start_rss_mib": round(rss_start / 1024, 1),
+        "peak_rss_covers": "the night" if rss_reset else "seeding and the night",
     }
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: clear_refs 5); False if refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _child(n: int, results: Any) -> None:
+    results.put(one_size(n))
+
+
+def one_size_apart(n: int) -> dict[str, Any]:
+    """one_size in a fresh process, so that each size's peak RSS is its own."""
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(n, results))
+    proc.start()
+    try:
+        while True:  # drained before the join (a big result); a dead child is no result
+            try:
+                result: dict[str, Any] = results.get(timeout=5)
+                break
+            except queue.Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"the {n}-account run died (exit {proc.exitcode})") from None
+    finally:
+        proc.join()
+    return result
 
 
 def main(sizes: list[int], out: Path | None = None) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for n in sizes:
-        runs[str(n)] = r = one_size(n)
+        runs[str(n)] = r = one_size_apart(n)
         say(
             NAME,
             f"{n} accounts: plan {r['plan_s']} s, night {r['night_s']} s = "
             f"{r['us_per_account']} µs/account; {r['rows_per_account']} rows and "
-            f"{r['bytes_per_account']} bytes/account/night; broker peak {r['broker_peak_bytes']} B",
+            f"{r['bytes_per_account']} bytes/account/night; broker peak {r['broker_peak_bytes']} B;"
+            f" peak RSS {r['night_peak_rss_mib']} MiB",
         )
     per = [r["us_per_account"] for r in runs.values()]
+    rss = [r["night_peak_rss_mib"] for r in runs.values()]
     figures = {
         "ledger_rows_per_account": LEDGER_ROWS,
         "runs": runs,
         "us_per_account_spread": round(max(per) / min(per) - 1, 4) if per else None,
+        "night_peak_rss_spread": round(max(rss) / min(rss) - 1, 4) if rss else None,
     }
     write_result(NAME, figures, out=out)
     return figures

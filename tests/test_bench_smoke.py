@@ -97,6 +97,8 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
         # One run item and one snapshot per account, plus the cases of the mismatched few.
         assert 2.0 <= run["rows_per_account"] < 2.1, size
         assert run["bytes_per_account"] > 0 and run["broker_peak_bytes"] > 0, size
+        # Its own process per size: a night's peak RSS, with the driver and task bodies.
+        assert 20 < run["night_peak_rss_mib"] < 2000 and run["peak_rss_covers"] == "the night"
 
     reports = res["reports"]["figures"]
     assert reports["snapshots"] == 30 * reports["accounts"]

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # Midas; the schedule runs at rate / (1 + margin) of the limit (limiter.py explains).
     # 20 ms reached 98% of the limit on a quiet host but let 101 through at 100/s on a busy
     # VM whose threads woke up to 10 ms late; 50 ms held there. Safety over 3% of quota.
+    # Issue 14 made the limiter never send a late request, but 20 ms still let 52 through at
+    # 50/s once on the loaded 2-core VM (docs/benchmarks.md §1): the default stays.
     MIDAS_RATE_MARGIN_S: float = Field(0.05, ge=0, le=0.5)
     MIDAS_TIMEOUT_S: float = Field(5.0, gt=0, le=120)
 

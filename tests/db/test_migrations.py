@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 
 from worker.db import migrate
+from worker.db import runs as repo
 from worker.db.models import Account, Base, MismatchCase, Run
 from worker.db.session import make_engine, session_scope
 
@@ -316,3 +317,55 @@ def test_coverage_migration_fills_the_last_observations_and_keeps_every_row(
 def _run_items_options(conn: Any) -> list[str]:
     options = "SELECT reloptions FROM pg_class WHERE relname = 'run_items'"
     return list(conn.execute(text(options)).scalar() or [])
+
+
+CLAIMS_SEED = [
+    "INSERT INTO accounts (id, openid, zone_id, created_at, updated_at) VALUES"
+    + ", ".join(
+        f" ({i}, 'o{i}', '1', '2026-11-01 00:00:00+00', '2026-11-01 00:00:00+00')"
+        for i in range(1, 7)
+    ),
+    "INSERT INTO runs (id, business_date, kind, trigger, status, api_version, created_at)"
+    " VALUES (1, '2026-11-01', 'nightly', 'beat', 'running', 'v1', '2026-11-01 00:00:00+00')",
+    # Two batches in flight (claims A and B), one done item of claim A, one pending item.
+    "INSERT INTO run_items (run_id, account_id, state, claimed_at, outcome) VALUES"
+    " (1, 1, 'done', '2026-11-01 02:30:00+00', 'ok'),"
+    " (1, 2, 'claimed', '2026-11-01 02:30:00+00', NULL),"
+    " (1, 3, 'claimed', '2026-11-01 02:30:00+00', NULL),"
+    " (1, 4, 'claimed', '2026-11-01 02:31:00+00', NULL),"
+    " (1, 5, 'pending', NULL, NULL), (1, 6, 'done', NULL, 'deferred')",
+]
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+def test_the_claims_in_flight_at_the_upgrade_are_copied_into_run_claims(
+    dialect: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    url = (
+        str(request.getfixturevalue("scratch_pg_url"))
+        if dialect == "postgres"
+        else f"sqlite:///{tmp_path / 'claims.db'}"
+    )
+    migrate.upgrade(url, "20261204_0006")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for sql in CLAIMS_SEED:
+                conn.execute(text(sql))
+        migrate.upgrade(url, "20261204_0007")
+        with session_scope(url) as session:
+            # Read back by the code that reads them, so that the pump would see them.
+            claims = repo.claims_before(session, 1, dt.datetime(2026, 11, 2, tzinfo=dt.UTC))
+            rows = session.execute(text("SELECT account_id FROM run_claims ORDER BY 1")).all()
+        assert sorted(claims) == [
+            dt.datetime(2026, 11, 1, 2, 30, tzinfo=dt.UTC),
+            dt.datetime(2026, 11, 1, 2, 31, tzinfo=dt.UTC),
+        ]
+        assert [a for (a,) in rows] == [2, 4]  # each claim's lowest item still claimed
+        migrate.downgrade(url, "20261204_0006")
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT COUNT(*) FROM run_items")).scalar() == 6
+        migrate.upgrade(url)
+        migrate.check(url)
+    finally:
+        engine.dispose()

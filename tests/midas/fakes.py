@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import requests
 from requests.adapters import BaseAdapter
 
 from worker.midas.client import MidasClient
 from worker.midas.token import StaticToken
+
+T = TypeVar("T")
 
 BASE = "http://midas.test"
 APP_KEY = "unit-test-appkey-0123456789"
@@ -51,6 +53,11 @@ class NoLimiter:
     def slot(self) -> Iterator[None]:
         self.slots += 1
         yield
+
+    @contextmanager
+    def slot_prepared(self, prepare: Callable[[], T]) -> Iterator[T]:
+        self.slots += 1
+        yield prepare()
 
     def pause_until(self, unix_ts: float) -> None:
         self.pauses.append(unix_ts)

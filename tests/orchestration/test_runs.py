@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import defaultdict
 from functools import partial
+from typing import Any
 
 import pytest
-from sqlalchemy import func, select, text, update
+from sqlalchemy import Engine, event, func, select, text, update
 
 from tests.orchestration.test_fetch import BALANCE, Scripted
 from worker.config import load_settings
 from worker.db import runs as repo
 from worker.db.accounts import AccountRow, upsert_accounts
 from worker.db.models import Account, BalanceSnapshot, RunItem
-from worker.db.session import session_scope
+from worker.db.session import engine_for, session_scope
 from worker.midas.errors import QuotaExhausted, RetryableError
 from worker.recon import runs
 from worker.recon.fetch import RetryPolicy
@@ -208,3 +210,118 @@ def test_concurrent_claimers_never_share_an_item(db_url: str) -> None:
         two.execute(text("SET LOCAL lock_timeout = '2s'"))
         b = repo.claim_pending(two, started.run_id, limit=30, claim=NOW)
     assert len(a) == 30 and len(b) == 20 and not set(a) & set(b)
+
+
+def in_flight(url: str, run_id: int) -> list[dt.datetime]:
+    """The run's claims the pump would judge, by the query it judges them with."""
+    with session_scope(url) as session:
+        return sorted(repo.claims_before(session, run_id, NOW + dt.timedelta(days=1)))
+
+
+def test_a_claim_is_in_flight_until_its_batch_stored_or_it_was_taken_back(url: str) -> None:
+    openids = seed(url, 10)
+    settings = load_settings({"DATABASE_URL": url})
+    db = partial(session_scope, url)
+    source = deps({o: [BALANCE] for o in openids})
+    with db() as session:
+        run_id = runs.start_nightly(session, settings, now=NOW).run_id
+        pumped = runs.pump(session, run_id, room=lambda _k: 3, size=4, now=NOW)
+    first, second, third = pumped.batches
+    assert in_flight(url, run_id) == [first.claim, second.claim, third.claim]
+
+    runs.run_batch(db, source, run_id, first.account_ids, first.claim)
+    runs.run_batch(db, source, run_id, first.account_ids, first.claim)  # a redelivered copy
+    assert in_flight(url, run_id) == [second.claim, third.claim]
+
+    # The pump judges the claims it finds there: a dead one goes back to the plan.
+    later = NOW + dt.timedelta(seconds=runs.CLAIM_GRACE_S + 1)
+    with db() as session:
+        retaken = runs.pump(
+            session, run_id, room=lambda _k: 1, size=4,
+            is_alive=lambda claim: claim != second.claim, now=later,
+        )  # fmt: skip
+    (new,) = retaken.batches
+    assert retaken.taken_back == 4 and in_flight(url, run_id) == [third.claim, new.claim]
+    assert runs.run_batch(db, source, run_id, second.account_ids, second.claim).done == 0
+
+    # Whatever its liveness, a claim older than the stale limit goes back (the last resort).
+    stale = new.claim + dt.timedelta(seconds=runs.STALE_CLAIM_S + 1)
+    with db() as session:
+        assert runs.pump(session, run_id, room=lambda _k: 0, size=4, now=stale).taken_back == 6
+    assert in_flight(url, run_id) == []
+    with db() as session:
+        last = runs.pump(session, run_id, room=lambda _k: 1, size=10, now=stale).batches
+    assert runs.run_batch(db, source, run_id, last[0].account_ids, last[0].claim).done == 6
+    assert in_flight(url, run_id) == []
+    with db() as session:
+        assert runs.pump(session, run_id, room=lambda _k: 1, size=10).status == "complete"
+
+
+def test_two_claims_made_in_the_same_microsecond_are_two_batches_in_flight(url: str) -> None:
+    # A frozen clock, or two pumps at once: the claims are equal, the batches are not.
+    openids = seed(url, 6)
+    settings = load_settings({"DATABASE_URL": url})
+    db = partial(session_scope, url)
+    with db() as session:
+        run_id = runs.start_nightly(session, settings, now=NOW).run_id
+        (one,) = runs.pump(session, run_id, room=lambda _k: 1, size=3, now=NOW).batches
+        (two,) = runs.pump(session, run_id, room=lambda _k: 1, size=3, now=NOW).batches
+    assert one.claim == two.claim and not set(one.account_ids) & set(two.account_ids)
+    runs.run_batch(db, deps({o: [BALANCE] for o in openids}), run_id, one.account_ids, one.claim)
+    # The other batch's claim is still in flight, so the pump can still find it dead.
+    assert in_flight(url, run_id) == [two.claim]
+    later = NOW + dt.timedelta(seconds=runs.CLAIM_GRACE_S + 1)
+    with db() as session:
+        dead = runs.pump(session, run_id, room=lambda _k: 0, size=3, is_alive=lambda _c: False,
+                         now=later)  # fmt: skip
+    assert dead.taken_back == 3 and in_flight(url, run_id) == []
+
+
+def test_a_batch_and_the_pump_never_read_the_claimed_items_through_the_state_index(
+    db_url: str,
+) -> None:
+    # Each state change leaves a dead entry in the (run_id, state) index until a vacuum: a
+    # batch or pump that read the `claimed` range late in a big night would step over one
+    # per item done so far (docs/benchmarks.md §3). Their statements, explained as Postgres
+    # plans them once the night is planned (and analyzed): none may use that index.
+    with session_scope(db_url) as session:
+        session.execute(
+            text(
+                "INSERT INTO accounts (openid, zone_id, last_active_at)"
+                " SELECT 'o' || i, '1', :at FROM generate_series(1, 20000) i"
+            ),
+            {"at": NOW - dt.timedelta(hours=1)},
+        )
+    settings = load_settings({"DATABASE_URL": db_url})
+    db = partial(session_scope, db_url)
+    with db() as session:
+        run_id = runs.start_nightly(session, settings, now=NOW).run_id
+        batches = runs.pump(session, run_id, room=lambda _k: 3, size=200, now=NOW).batches
+    statements: list[tuple[str, Any]] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, params: Any, *_args: Any) -> None:
+        if "run_items" in statement or "run_claims" in statement:
+            statements.append((statement, params))
+
+    # Every engine: the session factory may hold one that engine_for() has since replaced.
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        source = deps(defaultdict(lambda: [BALANCE]))
+        runs.run_batch(db, source, run_id, batches[0].account_ids, batches[0].claim)
+        with db() as session:
+            repo.start_items(session, run_id, batches[1].account_ids, claim=batches[1].claim)
+            repo.release(session, run_id, batches[1].account_ids)
+            runs.pump(
+                session, run_id, room=lambda _k: 0, size=200, is_alive=lambda _c: True,
+                now=NOW + dt.timedelta(seconds=runs.CLAIM_GRACE_S + 1),
+            )  # fmt: skip
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    explained = []
+    with engine_for(db_url).connect() as conn:
+        for statement, params in statements:
+            plan = conn.exec_driver_sql("EXPLAIN " + statement, params).scalars().all()
+            explained.append("\n".join([statement, *plan]))
+    assert len(explained) >= 7  # start, lock, done, close; start, release; the pump's claims
+    # Only a scan for pending items may use it (a claim, or whether any is left).
+    assert not [e for e in explained if "ix_run_items_run_state" in e and "claimed" in e]

@@ -216,6 +216,24 @@ class RunItem(Base):
     tier: Mapped[int | None] = mapped_column(SmallInteger)
 
 
+class RunClaim(Base):
+    """A batch's claim on items of a run, from the claim until the batch stored them (or they
+    were taken back): where the pump looks for dead batches (worker.db.runs).
+
+    Not found among the claimed items themselves: every item passes through `claimed` once,
+    and each leaves a dead entry in the (run_id, state) index that every later scan steps
+    over until a vacuum removes it (docs/benchmarks.md §3). This table holds a row per batch.
+    """
+
+    __tablename__ = "run_claims"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    claimed_at: Mapped[dt.datetime] = mapped_column(primary_key=True)  # the claim (token)
+    # The batch's lowest account id: two batches never share an item, so two claims made in
+    # the same microsecond (a frozen test clock, two pumps) are still two rows.
+    account_id: Mapped[int] = mapped_column(BigId, primary_key=True)
+
+
 class RunDeferral(Base):
     """Active accounts a nightly did not observe, by reason and tier (never silently dropped).
 

@@ -4,6 +4,13 @@ A run's plan lives here, not in the broker. Items move pending -> claimed -> don
 identified by its `claimed_at` value (microseconds, one per batch): the batch message carries
 it, and a batch only works on items still held by that claim. A message whose claim was taken
 back (its batch presumed dead) and handed to another batch therefore finds nothing to do.
+
+No step of a batch and no routine check of the pump reads claimed items through the
+(run_id, state) index: each state change leaves a dead entry in that index until a vacuum
+removes it, and a scan of the `claimed` range late in a big night would step over one for
+every item done so far (docs/benchmarks.md §3; autovacuum may be off or behind). A batch
+finds its items by primary key; the pump finds the claims in flight in `run_claims`, one row
+per batch. Only the claim (the pending range) and taking a dead claim back use that index.
 """
 
 from __future__ import annotations
@@ -13,15 +20,28 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Select, Table, case, func, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Select,
+    Table,
+    case,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import Session
 
-from worker.db.models import Account, Run, RunItem
+from worker.db.models import Account, Run, RunClaim, RunItem
 from worker.db.session import dialect_insert
 from worker.vocabulary import RunKind, RunStatus
 
 _runs = cast(Table, Run.__table__)
 _items = cast(Table, RunItem.__table__)
+_claims = cast(Table, RunClaim.__table__)
 _accounts = cast(Table, Account.__table__)
 
 
@@ -216,30 +236,18 @@ def item_counts(session: Session, run_id: int) -> ItemCounts:
 
 
 def has_open_items(session: Session, run_id: int) -> bool:
-    """Whether any item is pending or claimed: the first (run_id, state) index entry will do."""
-    open_item = (
+    """Whether any item is pending (the first pending entry of the state index will do) or
+    may be claimed (a claim in flight)."""
+    pending = (
         select(_items.c.account_id)
-        .where(_items.c.run_id == run_id, _items.c.state.in_(("pending", "claimed")))
+        .where(_items.c.run_id == run_id, _items.c.state == "pending")
         .exists()
     )
-    return bool(session.execute(select(open_item)).scalar())
+    in_flight = select(_claims.c.run_id).where(_claims.c.run_id == run_id).exists()
+    return bool(session.execute(select(pending | in_flight)).scalar())
 
 
 # -- claims -------------------------------------------------------------------------------------
-
-
-def take_back_stale(session: Session, run_id: int, *, claimed_before: dt.datetime) -> int:
-    """Claims older than the cutoff go back to pending, alive or not (the last resort)."""
-    result = session.execute(
-        update(_items)
-        .where(
-            _items.c.run_id == run_id,
-            _items.c.state == "claimed",
-            _items.c.claimed_at < claimed_before,
-        )
-        .values(state="pending", claimed_at=None)
-    )
-    return _rowcount(result)
 
 
 def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.datetime) -> list[int]:
@@ -258,7 +266,26 @@ def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.dateti
         .values(state="claimed", claimed_at=claim)
         .returning(_items.c.account_id)
     )
-    return sorted(int(a) for a in session.execute(stmt).scalars())
+    ids = sorted(int(a) for a in session.execute(stmt).scalars())
+    if ids:
+        # Registered in flight in the same transaction (idempotent: a row says "may hold").
+        session.execute(
+            dialect_insert(session, _claims)
+            .values(run_id=run_id, claimed_at=claim, account_id=ids[0])
+            .on_conflict_do_nothing()
+        )
+    return ids
+
+
+def _held(claim: dt.datetime | None = None) -> ColumnElement[bool]:
+    """Items still claimed (by `claim`, if given), tested on rows found by primary key.
+
+    `state || ''` keeps Postgres off the (run_id, state) index, which it would otherwise
+    prefer (it expects few claimed items), and whose `claimed` range holds a dead entry for
+    every item claimed before in the run until a vacuum removes it.
+    """
+    held = _items.c.state.concat("") == "claimed"
+    return held if claim is None else held & (_items.c.claimed_at == claim)
 
 
 def start_items(
@@ -272,12 +299,7 @@ def start_items(
     """
     held = (
         update(_items)
-        .where(
-            _items.c.run_id == run_id,
-            _items.c.account_id.in_(list(account_ids)),
-            _items.c.state == "claimed",
-            _items.c.claimed_at == claim,
-        )
+        .where(_items.c.run_id == run_id, _items.c.account_id.in_(list(account_ids)), _held(claim))
         .values(attempts=_items.c.attempts + 1)
         .returning(_items.c.account_id, _items.c.attempts)
     )
@@ -302,21 +324,20 @@ def start_items(
 
 
 def claims_before(session: Session, run_id: int, before: dt.datetime) -> list[dt.datetime]:
-    """The distinct claims of a run made before `before` (a handful: one per batch)."""
+    """The distinct claims in flight in a run made before `before` (a handful: one per batch)."""
     rows = session.execute(
-        select(_items.c.claimed_at)
-        .where(
-            _items.c.run_id == run_id,
-            _items.c.state == "claimed",
-            _items.c.claimed_at < before,
-        )
+        select(_claims.c.claimed_at)
+        .where(_claims.c.run_id == run_id, _claims.c.claimed_at < before)
         .distinct()
     )
-    return [c for c in rows.scalars() if c is not None]
+    return list(rows.scalars())
 
 
 def take_back_claims(session: Session, run_id: int, claims: Sequence[dt.datetime]) -> int:
-    """These claims' items back to pending: their batches are dead."""
+    """These claims' items back to pending (their batches are dead), and the claims closed.
+
+    Rare (a batch died), so this one may read the `claimed` range of the state index.
+    """
     if not claims:
         return 0
     result = session.execute(
@@ -328,7 +349,24 @@ def take_back_claims(session: Session, run_id: int, claims: Sequence[dt.datetime
         )
         .values(state="pending", claimed_at=None)
     )
+    session.execute(
+        delete(_claims).where(_claims.c.run_id == run_id, _claims.c.claimed_at.in_(list(claims)))
+    )
     return _rowcount(result)
+
+
+def close_claim(
+    session: Session, run_id: int, account_ids: Sequence[int], *, claim: dt.datetime
+) -> None:
+    """A batch's claim holds nothing any more: its items are stored, released or taken back."""
+    if account_ids:
+        session.execute(
+            delete(_claims).where(
+                _claims.c.run_id == run_id,
+                _claims.c.claimed_at == claim,
+                _claims.c.account_id == min(account_ids),
+            )
+        )
 
 
 def lock_held(
@@ -337,12 +375,7 @@ def lock_held(
     """Row-lock the items this batch still holds; a stale sweep cannot take them meanwhile."""
     rows = session.execute(
         select(_items.c.account_id)
-        .where(
-            _items.c.run_id == run_id,
-            _items.c.account_id.in_(list(account_ids)),
-            _items.c.state == "claimed",
-            _items.c.claimed_at == claim,
-        )
+        .where(_items.c.run_id == run_id, _items.c.account_id.in_(list(account_ids)), _held(claim))
         .with_for_update()
     )
     return {int(a) for a in rows.scalars()}
@@ -357,16 +390,9 @@ def mark_done(session: Session, run_id: int, outcomes: dict[int, str]) -> None:
     for account_id, outcome in outcomes.items():
         by_outcome.setdefault(outcome, []).append(account_id)
     for outcome, ids in by_outcome.items():
-        # `state = 'claimed'` (true of every held item) lets Postgres take the few claimed
-        # entries of the (run_id, state) index: a run planned minutes ago has no statistics
-        # yet, and by `run_id` alone it read all the run's items per batch (bench/scale.py).
         session.execute(
             update(_items)
-            .where(
-                _items.c.run_id == run_id,
-                _items.c.state == "claimed",
-                _items.c.account_id.in_(ids),
-            )
+            .where(_items.c.run_id == run_id, _items.c.account_id.in_(ids), _held())
             .values(state="done", outcome=outcome)
         )
 
@@ -377,11 +403,7 @@ def release(session: Session, run_id: int, account_ids: Sequence[int]) -> None:
         return
     session.execute(
         update(_items)
-        .where(
-            _items.c.run_id == run_id,
-            _items.c.account_id.in_(list(account_ids)),
-            _items.c.state == "claimed",
-        )
+        .where(_items.c.run_id == run_id, _items.c.account_id.in_(list(account_ids)), _held())
         .values(
             state="pending",
             claimed_at=None,
@@ -397,7 +419,19 @@ def release_all_claims(session: Session, run_id: int) -> int:
         .where(_items.c.run_id == run_id, _items.c.state == "claimed")
         .values(state="pending", claimed_at=None)
     )
+    session.execute(delete(_claims).where(_claims.c.run_id == run_id))
     return _rowcount(result)
+
+
+def refresh_item_statistics(session: Session) -> None:
+    """ANALYZE run_items once a night is planned into it (Postgres).
+
+    Without statistics Postgres guesses that a run holds a handful of items and finds a
+    batch's few by reading all of the run's (bench/scale.py). Autovacuum would analyze the
+    table in time where it is on; planning is when the table grows most, once a night.
+    """
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("ANALYZE run_items"))
 
 
 def add_mismatches_opened(session: Session, run_id: int, opened: int) -> None:

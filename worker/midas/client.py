@@ -204,12 +204,16 @@ class MidasClient:
         self, openid: str, zone_id: str, session_key: str | None, token: str, *, attempt: int
     ) -> Balance:
         ids = {"openid": openid, "zone_id": zone_id, "attempt": attempt}
-        with self._limiter.slot():
-            # Build (and time-stamp) the request once the slot is ours: the limiter may have
-            # held us for a while, even a minute's pause.
-            path, query, body = self._request(openid, zone_id, session_key, token)
+
+        def prepare() -> _Prepared | MidasError:
+            return self._prepare(*self._request(openid, zone_id, session_key, token))
+
+        # Built (and time-stamped) once the slot is ours, while the limiter waits for its
+        # moment: it may have held us for a while, even a minute's pause, and what is left to
+        # do after its on-time check should be as little as possible (limiter.py).
+        with self._limiter.slot_prepared(prepare) as prepared:
             started = time.monotonic()
-            content, outcome, failure = self._post(path, query, body)
+            content, outcome, failure = self._post(prepared)
         if failure is None:
             try:
                 balance = parse_getbalance(content, self.api_version)
@@ -270,23 +274,41 @@ class MidasClient:
         }
         return V2_PATH, query, body
 
-    def _post(
-        self, path: str, query: dict[str, str], body: bytes
-    ) -> tuple[bytes, str, MidasError | None]:
-        """POST the exact `body` bytes: (answer bytes, outcome label, transport error or None).
+    def _prepare(self, path: str, query: dict[str, str], body: bytes) -> _Prepared | MidasError:
+        """What `Session.post` does before sending (URL, headers, proxies and TLS settings from
+        the environment), done ahead: the POST of the exact `body` bytes, ready to go."""
+        try:
+            request = self._session.prepare_request(
+                requests.Request(
+                    "POST",
+                    self._base + path,
+                    params=query,
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
+            )
+            settings = self._session.merge_environment_settings(
+                request.url, {}, stream=True, verify=None, cert=None
+            )
+        except requests.RequestException as exc:
+            return RetryableError(f"Midas request failed: {_reason(exc)}")
+        return request, dict(settings)
+
+    def _post(self, prepared: _Prepared | MidasError) -> tuple[bytes, str, MidasError | None]:
+        """Send a prepared POST: (answer bytes, outcome label, transport error or None).
 
         Errors are returned, not raised from inside `except`: a chained requests exception
         would carry the URL (and the token in its query string) into every traceback.
         """
+        if isinstance(prepared, MidasError):
+            return b"", "connection", prepared
+        request, settings = prepared
         try:
-            resp = self._session.post(
-                self._base + path,
-                params=query,
-                data=body,
-                headers={"Content-Type": "application/json"},
+            resp = self._session.send(
+                request,
                 timeout=self._timeout,
                 allow_redirects=False,
-                stream=True,  # read the body ourselves, with a size cap
+                **settings,  # stream=True among them: we read the body ourselves, capped
             )
         except requests.RequestException as exc:
             if _is_timeout(exc):
@@ -320,6 +342,8 @@ class MidasClient:
 
 
 _MALFORMED = "malformed Midas answer: "
+# A request ready to send, with the keyword arguments `Session.send` takes for it.
+_Prepared = tuple[requests.PreparedRequest, dict[str, Any]]
 
 
 def _timeout() -> MidasTimeout:

@@ -1,7 +1,8 @@
 """The fleet-wide Midas rate limiter and in-flight cap (PRODUCT.md §6, API.md §6).
 
-Every Midas HTTP attempt runs inside `with limiter.slot():`. A slot is two things, taken in this
-order:
+Every Midas HTTP attempt runs inside `with limiter.slot():` (or `slot_prepared(build)`, which
+builds the request while waiting for its moment, so that little is left to do after the check
+below). A slot is two things, taken in this order:
 
 1. an *in-flight slot* (at most `max_in_flight` holders fleet-wide), then
 2. a *rate reservation*: a start time on one shared schedule, which the caller sleeps out.
@@ -19,13 +20,27 @@ seconds, more than one second. The extra `jitter_s` (default 50 ms, i.e. the sch
 ~95% of the limit) absorbs the difference in delay between a grant and its arrival at Midas
 (sleep overshoot, GIL, network): as long as that delay varies by less than `jitter_s` between
 requests, any one-second window of arrivals maps onto a window of grants narrower than W, which
-holds at most N. A caller that wakes up later than half of that budget gives its reservation
-back and takes a new one, so a stalled thread cannot spend more than its share of the margin
-(the slot it missed is lost: on a CPU-starved host this costs throughput, never the limit).
+holds at most N. Arrivals are never early (nobody goes before its moment), so the condition is
+simply that no request reaches Midas more than `jitter_s` after its moment. A caller that wakes
+up later than half of that budget does not go: it takes a new reservation (the slot it missed
+is lost); from the third in a row on, that reservation leaves a gap after it as long as the
+lateness it just saw exceeded the tolerance, so that the schedule itself absorbs a host whose
+wake-ups stay late (instead of the caller going anyway, as it once did).
+The other half of the budget is for the way from the check to Midas (the HTTP stack, the
+network), which nothing here can check; hence `slot_prepared`: building and preparing a
+request takes ~0.5 ms of Python, the socket write after it ~0.15 ms, and a thread that needs
+the GIL longer is likelier to be held up by the other threads on a busy host. Measured on the
+project's 2-core VM under load (`bench/rate_lag.py`, docs/benchmarks.md §1).
 
 **Clocks.** The Redis limiter keeps all state in Redis and decides inside Lua scripts with the
 Redis server's clock (`TIME`), so machines with skewed clocks share one schedule. The caller
-sleeps client-side for the time the script returns (no polling of Redis while it waits).
+sleeps client-side (no polling of Redis while it waits) until its moment *on that clock*: each
+reply tells the server's time, which happened between our request and the reply, so it bounds
+the offset between the server's clock and our monotonic one; the tightest recent bound
+(`_ScheduleClock`) maps the moment onto ours. Sleeping "reply + wait" instead would make every
+slow reply's return leg a lateness, and judging lateness from the request (the only safe
+reading without the offset) would count every round trip as late: under load (Redis round
+trips of several ms) that re-reserved 4% of grants at 100/s and 30% at 400/s.
 
 **Redis restart / FLUSHDB.** State lives in short-lived keys; a permanent marker key tells "idle
 (keys expired)" from "state lost". After an expiry the schedule restarts at now with no credit
@@ -46,10 +61,10 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 from worker.metrics import FLEET_PAUSES, LIMITER_IN_FLIGHT, LIMITER_WAIT
 from worker.midas.errors import RetryableError
@@ -67,18 +82,36 @@ _GRANTED, _PAUSED, _FULL, _DEFER = 0, 1, 2, 3
 # A caller late by more than this share of `jitter_s` re-reserves; the rest of the budget is
 # left for the HTTP path, which nothing here can check.
 _LATE_SHARE = 0.5
-# Sustained lateness means the whole host is starved, which delays every request alike rather
-# than bunching a few: after this many re-reservations in a row the caller goes anyway instead
-# of livelocking.
-_MAX_RESCHEDULES = 3
+# A late caller's first re-reservations are plain (the missed slot is the whole cost: most late
+# wake-ups are one-off stalls); from this many in a row on, each asks for a gap after its
+# moment. A gap after every late wake-up cost a third of the rate at 400/s on a loaded worker.
+_PLAIN_RESCHEDULES = 2
+# The longest gap a re-reservation asks for: a caller later than the tolerance plus this keeps
+# re-reserving (a one-second stall is far beyond anything a margin could absorb anyway).
+_MAX_GAP_S = 1.0
+# How long a reading of the server's clock stays usable for the offset: clocks drift apart
+# (NTP slews the wall clock by up to 0.5 ms/s), so old tight readings must not win forever.
+_CLOCK_KEEP_S = 2.0
 # Upper bound for one sleep while paused or deferred: the pause can be extended, or lifted by a
 # Redis state loss, and we want to notice.
 _MAX_SLEEP_S = 5.0
 
 
+_T = TypeVar("_T")
+
+
+def _nothing() -> None:
+    return None
+
+
 class Limiter(Protocol):
     def slot(self) -> AbstractContextManager[None]:
         """Block for an in-flight slot and a rate grant; release the in-flight slot on exit."""
+        ...
+
+    def slot_prepared(self, prepare: Callable[[], _T]) -> AbstractContextManager[_T]:
+        """`slot()`, running `prepare` while waiting for the grant's moment (again after a
+        re-reservation); yields what it returned."""
         ...
 
     def pause_until(self, unix_ts: float) -> None:
@@ -97,6 +130,32 @@ class LimiterStats:
     grants: int
     wait_seconds: float
     rescheduled: int
+
+
+class _ScheduleClock:
+    """Maps moments on the backend's clock onto this process's time.monotonic().
+
+    A reply that says "the server's time was `server_now`", asked at `before` and answered at
+    `after` (monotonic), bounds the offset server - local to [server_now - after,
+    server_now - before]. The narrowest such interval of the last `_CLOCK_KEEP_S` seconds gives
+    the offset (its midpoint, off by at most half that round trip).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._best: tuple[float, float, float] | None = None  # (width, offset, taken at)
+
+    def local_moment(self, before: float, after: float, server_now: float, wait_s: float) -> float:
+        """When (monotonic) the moment `server_now + wait_s` comes; never outside
+        [before, after] + wait_s, where the reply itself proves it lies."""
+        width = after - before
+        offset = server_now - (before + after) / 2
+        with self._lock:
+            best = self._best
+            if best is None or width <= best[0] or after - best[2] > _CLOCK_KEEP_S:
+                self._best = best = (width, offset, after)
+        moment = server_now + wait_s - best[1]
+        return min(max(moment, before + wait_s), after + wait_s)
 
 
 def grant_interval(rate: float, jitter_s: float) -> float:
@@ -125,6 +184,7 @@ class _ScheduledLimiter(ABC):
         self.horizon_s = horizon_s
         self.interval_s = grant_interval(rate, jitter_s)
         self._late_tolerance_s = jitter_s * _LATE_SHARE
+        self._clock = _ScheduleClock()
         # A pause this process set itself is honoured at once, even by threads that already
         # hold a reservation (the fleet-wide one only stops new reservations).
         self._local_pause = 0.0
@@ -136,8 +196,11 @@ class _ScheduledLimiter(ABC):
     # -- backend primitives ----------------------------------------------------------------
 
     @abstractmethod
-    def _try(self, holder: str, has_slot: bool) -> tuple[int, float]:
-        """One atomic step: (status, seconds). GRANTED: wait this long, then go."""
+    def _try(self, holder: str, has_slot: bool, gap_s: float) -> tuple[int, float, float]:
+        """One atomic step: (status, seconds, the backend clock's now in seconds).
+
+        GRANTED: wait this long, then go; the next grant comes `gap_s` later than usual.
+        """
 
     @abstractmethod
     def _release(self, holder: str) -> None:
@@ -155,12 +218,15 @@ class _ScheduledLimiter(ABC):
 
     # -- public interface ------------------------------------------------------------------
 
+    def slot(self) -> AbstractContextManager[None]:
+        return self.slot_prepared(_nothing)
+
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        holder = self._acquire()
+    def slot_prepared(self, prepare: Callable[[], _T]) -> Iterator[_T]:
+        holder, prepared = self._acquire(prepare)
         LIMITER_IN_FLIGHT.inc()
         try:
-            yield
+            yield prepared
         finally:
             LIMITER_IN_FLIGHT.dec()
             self._release(holder)
@@ -175,10 +241,11 @@ class _ScheduledLimiter(ABC):
 
     # -- the loop ------------------------------------------------------------------------------
 
-    def _acquire(self) -> str:
+    def _acquire(self, prepare: Callable[[], _T]) -> tuple[str, _T]:
         holder = uuid.uuid4().hex
         started = time.monotonic()
         has_slot = False
+        gap = 0.0
         late_count = 0
         try:
             while True:
@@ -190,7 +257,7 @@ class _ScheduledLimiter(ABC):
                     time.sleep(min(local_pause, _MAX_SLEEP_S))
                     continue
                 before = time.monotonic()
-                status, seconds = self._try(holder, has_slot)
+                status, seconds, server_now = self._try(holder, has_slot, gap)
                 after = time.monotonic()
                 if status == _PAUSED:
                     has_slot = False  # the backend dropped it: nobody holds slots in a pause
@@ -205,16 +272,25 @@ class _ScheduledLimiter(ABC):
                     # a reservation far in the future.
                     time.sleep(min(seconds, _MAX_SLEEP_S))
                     continue
-                # Sleep from the reply (never early); judge lateness from the request (the
-                # backend's "now" was no earlier than `before`), so a slow reply counts as late.
-                delay = after + seconds - time.monotonic()
+                # Sleep until the reserved moment on the schedule's own clock; lateness is
+                # measured against that moment, not against when we asked or heard back.
+                moment = self._clock.local_moment(before, after, server_now, seconds)
+                prepared = prepare()  # while we wait; if it takes longer, that is lateness
+                delay = moment - time.monotonic()
                 if delay > 0:
                     time.sleep(delay)
-                late = time.monotonic() - (before + seconds)
+                late = time.monotonic() - moment
                 if self._local_pause > time.time():
                     continue
-                if late > self._late_tolerance_s and late_count < _MAX_RESCHEDULES:
+                if late > self._late_tolerance_s + gap:
+                    # Sent now, this request would bunch with the grants after it. Take a new
+                    # moment; when lateness persists, one followed by a gap of what it
+                    # exceeded the tolerance by: if the next wake-up is as late, it goes, its
+                    # delay absorbed by the schedule, never by the limit. (Only the excess:
+                    # the whole lateness, doubling, cost half the rate at 100/s when loaded.)
                     late_count += 1
+                    if late_count > _PLAIN_RESCHEDULES:
+                        gap = min(max(gap, late - self._late_tolerance_s), _MAX_GAP_S)
                     with self._counter_lock:
                         self._rescheduled += 1
                     continue
@@ -223,7 +299,7 @@ class _ScheduledLimiter(ABC):
                 with self._counter_lock:
                     self._grants += 1
                     self._wait_s += waited
-                return holder
+                return holder, prepared
         except BaseException:
             if has_slot:
                 self._release(holder)
@@ -256,14 +332,14 @@ class LocalLimiter(_ScheduledLimiter):
         with self._cond:
             return self._pause if self._pause > time.time() else None
 
-    def _try(self, holder: str, has_slot: bool) -> tuple[int, float]:
+    def _try(self, holder: str, has_slot: bool, gap_s: float) -> tuple[int, float, float]:
         with self._cond:
             while True:
                 pause = self._pause - time.time()
                 if pause > 0:
                     if has_slot:
                         self._drop(holder)
-                    return _PAUSED, pause
+                    return _PAUSED, pause, 0.0
                 if has_slot or len(self._holders) < self.max_in_flight:
                     break
                 # Waiting inside the lock: a release cannot slip in between check and wait.
@@ -272,9 +348,9 @@ class LocalLimiter(_ScheduledLimiter):
             now = time.monotonic()
             at = max(now, self._tat)
             if at - now > self.horizon_s:
-                return _DEFER, at - now - self.horizon_s
-            self._tat = at + self.interval_s
-            return _GRANTED, at - now
+                return _DEFER, at - now - self.horizon_s, now
+            self._tat = at + self.interval_s + gap_s
+            return _GRANTED, at - now, now
 
     def _drop(self, holder: str) -> None:
         if holder in self._holders:
@@ -293,8 +369,8 @@ class LocalLimiter(_ScheduledLimiter):
 
 # KEYS: schedule (next free grant, µs), holders (zset: holder -> lease expiry µs), pause (µs),
 # marker (present while the state is intact). All times are the Redis server's clock.
-# ARGV: holder, has_slot, max_in_flight, lease_us, interval_us, horizon_us.
-# Returns {status, microseconds, reserved_at_us}.
+# ARGV: holder, has_slot, max_in_flight, lease_us, interval_us, horizon_us, gap_us (extra
+# space after this grant). Returns {status, microseconds, reserved_at_us, now_us}.
 _ACQUIRE_LUA = """
 local function num(x) return string.format('%.0f', x) end
 local t = redis.call('TIME')
@@ -305,19 +381,20 @@ local max_in_flight = tonumber(ARGV[3])
 local lease = tonumber(ARGV[4])
 local interval = tonumber(ARGV[5])
 local horizon = tonumber(ARGV[6])
+local gap = tonumber(ARGV[7])
 
 -- A fleet-wide pause (45011): nobody reserves, and a waiting holder gives its slot back.
 local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
 if pause > now then
   if has_slot then redis.call('ZREM', KEYS[2], holder) end
-  return {1, pause - now, 0}
+  return {1, pause - now, 0, now}
 end
 
 -- In-flight slots are leases: a crashed holder's slot comes back when its lease runs out.
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', num(now))
 if not has_slot and redis.call('ZCARD', KEYS[2]) >= max_in_flight then
   local first = redis.call('ZRANGE', KEYS[2], 0, 0, 'WITHSCORES')
-  return {2, tonumber(first[2]) - now, 0}
+  return {2, tonumber(first[2]) - now, 0, now}
 end
 redis.call('ZADD', KEYS[2], num(now + lease), holder)
 redis.call('PEXPIRE', KEYS[2], num(math.ceil(lease / 1000) + 1000))
@@ -336,14 +413,14 @@ if tat < 0 then
 end
 local at = math.max(now, tat)
 local deferred = at - now > horizon
-local next_tat = at + interval
+local next_tat = at + interval + gap
 if deferred then next_tat = tat end
 -- Expire a second after the schedule's end: by then restarting at "now" is safe.
 redis.call('SET', KEYS[1], num(next_tat), 'PX', num(math.ceil((next_tat - now) / 1000) + 1000))
 if deferred then
-  return {3, at - now - horizon, 0}
+  return {3, at - now - horizon, 0, now}
 end
-return {0, at - now, at}
+return {0, at - now, at, now}
 """
 
 # KEYS: holders, freed (list of wake-up tokens). ARGV: holder, max_in_flight.
@@ -423,8 +500,9 @@ class RedisLimiter(_ScheduledLimiter):
         self._horizon_us = math.ceil(horizon_s * 1e6)
         self._lease_us = math.ceil(lease_s * 1e6)
 
-    def _reserve(self, holder: str, has_slot: bool) -> tuple[int, int, int]:
-        """One acquire step: (status, µs, the reserved moment in Redis µs when granted)."""
+    def _reserve(self, holder: str, has_slot: bool, gap_us: int = 0) -> tuple[int, int, int, int]:
+        """One acquire step: (status, µs, the reserved moment in Redis µs when granted, the
+        Redis clock's now in µs)."""
         with _redis_away_is_retryable():
             reply: Any = self._acquire_script(
                 keys=[self._k_schedule, self._k_holders, self._k_pause, self._k_marker],
@@ -435,13 +513,14 @@ class RedisLimiter(_ScheduledLimiter):
                     self._lease_us,
                     self._interval_us,
                     self._horizon_us,
+                    gap_us,
                 ],
             )
-        return int(reply[0]), int(reply[1]), int(reply[2])
+        return int(reply[0]), int(reply[1]), int(reply[2]), int(reply[3])
 
-    def _try(self, holder: str, has_slot: bool) -> tuple[int, float]:
-        status, micros, _ = self._reserve(holder, has_slot)
-        return status, micros / 1e6
+    def _try(self, holder: str, has_slot: bool, gap_s: float) -> tuple[int, float, float]:
+        status, micros, _, now_us = self._reserve(holder, has_slot, math.ceil(gap_s * 1e6))
+        return status, micros / 1e6, now_us / 1e6
 
     def _release(self, holder: str) -> None:
         try:

@@ -243,6 +243,7 @@ def take_the_night(
         log.info("run_waiting", extra={"run_id": run_id, "waiting_for": waiting})
         return closed, waiting
     plan = coverage.plan_night(session, settings, run_id, day, now)
+    repo.refresh_item_statistics(session)
     repo.mark_running(session, run_id, planned=plan.planned, now=now)
     log.info("run_planned", extra={"run_id": run_id, "planned": plan.planned, "kind": "nightly"})
     if plan.planned == 0:
@@ -307,14 +308,9 @@ def pump(
         result.status = run.status
     if run.status != RunStatus.RUNNING:
         return result
-    taken = repo.take_back_stale(
-        session, run_id, claimed_before=now - dt.timedelta(seconds=stale_after_s)
+    result.taken_back = taken = take_back_dead_claims(
+        session, run_id, is_alive=is_alive, stale_after_s=stale_after_s, now=now
     )
-    if is_alive is not None:
-        settled = now - dt.timedelta(seconds=CLAIM_GRACE_S)
-        dead = [c for c in repo.claims_before(session, run_id, settled) if not is_alive(c)]
-        taken += repo.take_back_claims(session, run_id, dead)
-    result.taken_back = taken
     if taken:
         log.warning("dead_claims_taken_back", extra={"run_id": run_id, "items": taken})
     past_deadline = run.deadline_at is not None and now >= run.deadline_at
@@ -346,6 +342,27 @@ def pump(
                 if s == RunStatus.PLANNING
             ]
     return result
+
+
+def take_back_dead_claims(
+    session: Session,
+    run_id: int,
+    *,
+    is_alive: Callable[[dt.datetime], bool] | None,
+    stale_after_s: float,
+    now: dt.datetime,
+) -> int:
+    """Items of dead claims back to pending: claims older than `stale_after_s` whatever their
+    liveness (the last resort), and settled claims that `is_alive` says are dead."""
+    stale = now - dt.timedelta(seconds=stale_after_s)
+    settled = now - dt.timedelta(seconds=CLAIM_GRACE_S)
+    judged = stale if is_alive is None else max(stale, settled)
+    dead = [
+        claim
+        for claim in repo.claims_before(session, run_id, judged)
+        if claim < stale or (is_alive is not None and claim < settled and not is_alive(claim))
+    ]
+    return repo.take_back_claims(session, run_id, dead)
 
 
 def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -> Run | None:
@@ -470,6 +487,8 @@ def run_batch(
             return BatchResult(run_id, skipped=len(account_ids))
         kind = run.kind
         items = repo.start_items(session, run_id, account_ids, claim=claim)
+        if not items:  # a copy of a batch that stored, or whose claim was taken back
+            repo.close_claim(session, run_id, account_ids, claim=claim)
     result = BatchResult(run_id, kind, skipped=len(account_ids) - len(items))
     if not items:
         return result
@@ -521,6 +540,7 @@ def run_batch(
         )
         back = [t.account_id for t in report.unfetched if t.account_id in held]
         repo.release(session, run_id, back)
+        repo.close_claim(session, run_id, account_ids, claim=claim)  # it holds nothing now
         fresh_ok = [s.id for s in stored if s.new and s.status == "ok"]
         if fresh_ok:
             reconciled = reconcile_snapshots(
