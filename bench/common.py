@@ -382,8 +382,8 @@ def environment(env: dict[str, str]) -> Iterator[None]:
 
 
 def _reset_runtime() -> None:
-    if "worker.tasks" in sys.modules:
-        sys.modules["worker.tasks"]._runtime = None
+    if "worker.dispatch" in sys.modules:
+        sys.modules["worker.dispatch"]._runtime = None
     from worker.db.session import engine_for
 
     engine_for.cache_clear()
@@ -421,14 +421,14 @@ def start_run(url: str, business_date: dt.date) -> tuple[int, int]:
     """Plan the nightly run of a date (the `midas-recon run` path) and send its first pump.
 
     The caller has entered `environment(...)` with the workers' variables."""
-    from worker import tasks
+    from worker import dispatch
     from worker.config import get_settings
     from worker.db.session import session_scope
     from worker.recon.runs import start_nightly
 
     with session_scope(url) as session:
         started = start_nightly(session, get_settings(), business_date=business_date, trigger="cli")
-    tasks.request_pump(started.run_id)
+    dispatch.request_pump(started.run_id)
     return started.run_id, started.planned
 
 

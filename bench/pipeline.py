@@ -214,11 +214,11 @@ def profile_stages(url: str, env: dict[str, str], n: int) -> dict[str, Any]:
 
     stages = Stages()
     with environment(env):
-        from worker import tasks
+        from worker import dispatch
         from worker.config import get_settings
 
         settings = get_settings()
-        deps = tasks.runtime().fetch_deps()
+        deps = dispatch.runtime().fetch_deps()
         stages.wrap(runs, "start_nightly", "plan (INSERT … SELECT)")
         stages.wrap(repo, "claim_pending", "claim (pump)")
         stages.wrap(repo, "start_items", "start items")

@@ -119,11 +119,11 @@ def _night(client: redis.Redis, env: dict[str, str], day: dt.date, stages: Any) 
     from worker.recon.runs import FetchDeps, batch_deadline_s
 
     with environment(env):
-        from worker import tasks
+        from worker import dispatch, tasks
         from worker.config import get_settings
 
         settings = get_settings()
-        tasks.runtime().deps = FetchDeps(
+        dispatch.runtime().deps = FetchDeps(
             source=FastSource(LEDGER_ROWS),
             api_version="v1",
             checks=checks_from_settings(settings),

@@ -1,7 +1,8 @@
 """The house: imports inside worker/ point one way. A module that imports another which
 (directly or through others) imports it back is a decision split across two rooms; every
 import counts, at the top of a file or inside a function, since a late import hides a circle
-rather than removing it."""
+rather than removing it. And the SQL lives in worker/db/: the command line, the console, the
+reports and the demo call its functions, they do not build queries."""
 
 from __future__ import annotations
 
@@ -88,3 +89,63 @@ def test_no_import_circle_in_worker() -> None:
 
 def test_the_circle_finder_finds_one() -> None:
     assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+# Outside worker/db/ (and the domain that calls it), what may come from SQLAlchemy: its
+# errors, the Session type a service takes, and make_url. Model classes stay importable: the
+# services return them, and reading a returned row is not a query.
+CALLERS = ("worker.cli", "worker.reports", "worker.web", "worker.demo")
+ALLOWED_SQLALCHEMY = {
+    "sqlalchemy.exc": None,  # any name
+    "sqlalchemy.orm": {"Session"},
+    "sqlalchemy.engine": {"make_url"},
+}
+QUERY_METHODS = {"execute", "scalar", "scalars", "query"}
+
+
+def query_building(path: Path) -> list[str]:
+    """What in this file builds or runs SQL itself: a query construct imported, a statement
+    executed on a session."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] == "sqlalchemy"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "sqlalchemy":
+            allowed = ALLOWED_SQLALCHEMY.get(node.module or "", set())
+            found += [
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if allowed is not None and a.name not in allowed
+            ]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in QUERY_METHODS
+        ):
+            found.append(f"line {node.lineno}: .{node.func.attr}(...)")
+    return found
+
+
+def test_sql_lives_in_db() -> None:
+    callers = {
+        name: path
+        for path in PACKAGE.rglob("*.py")
+        if (name := module_name(path)).startswith(CALLERS)
+    }
+    assert "worker.cli.balance_cmd" in callers and "worker.demo" in callers
+    offenders = {name: found for name, path in callers.items() if (found := query_building(path))}
+    assert offenders == {}
+
+
+def test_the_sql_finder_finds_a_query(tmp_path: Path) -> None:
+    sample = tmp_path / "sample.py"
+    sample.write_text(
+        "from sqlalchemy import select\nfrom sqlalchemy.exc import SQLAlchemyError\n"
+        "from sqlalchemy.orm import Session, aliased\nsession.execute(select(1))\n",
+        encoding="utf-8",
+    )
+    assert query_building(sample) == [
+        "sqlalchemy.select",
+        "sqlalchemy.orm.aliased",
+        "line 4: .execute(...)",
+    ]

@@ -5,7 +5,7 @@ worker beat` drives the schedule (two may run: the one holding a Redis lease sch
 worker.beat). Three lanes:
 
 - `recheck`: everything short and latency-sensitive: rechecks after payments, confirming
-  re-fetches, logins, and the control tasks (pump, finalize, scans).
+  re-fetches, logins, and the control tasks (pump, sweep, scans).
 - `alerts`: the alert check and webhook deliveries (worker.alerts), whose retries wait on
   outside services and must never hold a process a recheck needs, nor wait behind a night.
 - `nightly`: the bulk lane, only the fetch batches of nightly runs, kept short by the pump
@@ -57,7 +57,6 @@ TASK_QUEUES: Final[dict[str, str]] = {
     "midas_recon.start_nightly": RECHECK_QUEUE,
     "midas_recon.pump": RECHECK_QUEUE,
     "midas_recon.sweep": RECHECK_QUEUE,
-    "midas_recon.finalize": RECHECK_QUEUE,
     "midas_recon.fetch_batch": NIGHTLY_QUEUE,  # recheck/confirm runs pass queue="recheck"
     "midas_recon.recheck": RECHECK_QUEUE,
     "midas_recon.record_login": RECHECK_QUEUE,

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-from worker.db.models import LEDGER_KINDS
 from worker.midas.types import COUNTER_FIELDS
+from worker.vocabulary import LEDGER_KINDS
 
 # A check name is stored in mismatch_cases.check (32 characters) and typed by operators.
 _CHECK_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")

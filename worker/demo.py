@@ -37,17 +37,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.fernet import Fernet
-from sqlalchemy import func, select
 
 from worker import business_calendar as clock
 from worker.config import SECRET_VARIABLES, Settings, get_settings
-from worker.db.models import BalanceSnapshot, MismatchCase, Run
 from worker.simulator import SimConfig, Simulator
+from worker.vocabulary import CaseStatus, RunStatus, SnapshotStatus
 
 SETTLE_SECONDS = 3  # short, so the confirm pass runs within the demo
 ZONES = ("1", "2")
 _ALPHABET = string.ascii_letters + string.digits + "-_"
-_TOP_UPS = (60, 300, 680, 1280, 3280, 6480)  # coins per top-up, like a shop's price points
+_TOP_UPS = (
+    60,
+    300,
+    680,
+    1280,
+    3280,
+    6480,
+)  # coins per top-up, like a shop's price points
 _GIFTS = (10, 50, 100, 500)
 
 Account = tuple[str, str]  # (openid, zone_id)
@@ -109,7 +115,7 @@ class Result:
         """Found exactly what was planted: no more, no less, and the run complete."""
         p = self.plan
         return (
-            self.status == "complete"
+            self.status == RunStatus.COMPLETE
             and self.planned == p.planned
             and self.error == 0
             and {(o, z) for o, z, _ in self.confirmed} == p.mismatched
@@ -177,7 +183,10 @@ def run_demo(
             plan, accounts_csv, ledger_csv = _plant(sim, folder, players, seed)
             upgrade(settings.DATABASE_URL)
             _import(settings, accounts_csv, ledger_csv)
-            for openid, zone in plan.expired:  # logged in once, then the session expired
+            for (
+                openid,
+                zone,
+            ) in plan.expired:  # logged in once, then the session expired
                 sim.expire_session(openid, zone)
             echo(f"demo: {players} players planted and imported; nightly run starting")
             result = _reconcile(settings, sim, plan, folder, database, base_url, echo)
@@ -290,7 +299,11 @@ def _plant(sim: Simulator, folder: Path, players: int, seed: int) -> tuple[Plan,
             ledger.append((no, openid, zone, "present", amount, past(25)))
         for _ in range(rng.randint(0, 2)):
             balance = int(sim.counters(openid, zone)["balance"])
-            amount, no, spent_at = rng.randint(1, max(1, balance // 2)), bill(), past(20)
+            amount, no, spent_at = (
+                rng.randint(1, max(1, balance // 2)),
+                bill(),
+                past(20),
+            )
             sim.pay(openid, zone, amount, no)
             ledger.append((no, openid, zone, "cost", amount, spent_at))
             if rng.random() < 0.1:  # refunded a few minutes later
@@ -353,7 +366,10 @@ def _reconcile(
     base_url: str,
     echo: Callable[[str], None],
 ) -> Result:
+    from worker.db.cases import list_cases
+    from worker.db.runs import get_run
     from worker.db.session import session_scope
+    from worker.db.snapshots import accounts_with_status
     from worker.recon.runs import RunProgress, run_embedded
     from worker.reports.render import render
     from worker.reports.statement import build_statement, build_trend
@@ -372,7 +388,7 @@ def _reconcile(
     def progress(p: RunProgress) -> None:  # at most one line a second, and the last one
         nonlocal last_at, last_seen
         now, seen = time.monotonic(), (p.status, p.done)
-        if seen != last_seen and (p.status != "running" or now - last_at >= 1):
+        if seen != last_seen and (p.status != RunStatus.RUNNING or now - last_at >= 1):
             last_at, last_seen = now, seen
             echo(f"demo: run #{p.run_id} {p.status}, {p.done}/{p.planned} accounts fetched")
 
@@ -392,23 +408,12 @@ def _reconcile(
     run_seconds = time.monotonic() - began
 
     with session_scope(settings.DATABASE_URL) as session:
-        run_row = session.get(Run, run.id)
+        run_row = get_run(session, run.id)
         if run_row is None:
             raise DemoError(f"run #{run.id} vanished")
-        cases = session.execute(
-            select(
-                MismatchCase.openid, MismatchCase.zone_id, MismatchCase.check, MismatchCase.status
-            )
-        ).all()
-        unobservable = {
-            (o, z)
-            for o, z in session.execute(
-                select(BalanceSnapshot.openid, BalanceSnapshot.zone_id).where(
-                    BalanceSnapshot.run_id == run.id, BalanceSnapshot.status == "unobservable"
-                )
-            )
-        }
-        opened = session.scalar(select(func.count()).select_from(MismatchCase)) or 0
+        cases = [(c.openid, c.zone_id, c.check, c.status) for c in list_cases(session)]
+        unobservable = accounts_with_status(session, run.id, SnapshotStatus.UNOBSERVABLE)
+        opened = len(cases)
         statement = build_statement(session, run_row.business_date, calendar=settings.calendar)
         trend = build_trend(session, run_row.business_date, calendar=settings.calendar)
         report = folder / f"statement-{run_row.business_date}.html"
@@ -429,9 +434,9 @@ def _reconcile(
             unobservable=run_row.unobservable,
             error=run_row.error,
             opened=opened,
-            confirmed={(o, z, c) for o, z, c, s in cases if s == "confirmed"},
-            cleared={(o, z, c) for o, z, c, s in cases if s == "cleared"},
-            suspected_left=sum(1 for *_, s in cases if s == "suspected"),
+            confirmed={(o, z, c) for o, z, c, s in cases if s == CaseStatus.CONFIRMED},
+            cleared={(o, z, c) for o, z, c, s in cases if s == CaseStatus.CLEARED},
+            suspected_left=sum(1 for *_, s in cases if s == CaseStatus.SUSPECTED),
             unobservable_accounts=unobservable,
             residual=statement.total.residual,
             run_seconds=run_seconds,
@@ -481,17 +486,13 @@ def _settle_in_flight(url: str, sim: Simulator, plan: Plan, stop: threading.Even
     payment well inside that window, as a real payment in flight would settle.
     """
     from worker.db.session import session_scope
+    from worker.db.snapshots import accounts_fetched
 
     waiting = dict(plan.in_flight)
     while waiting and not stop.wait(0.1):
         openids = [o for o, _ in waiting]
         with session_scope(url) as session:
-            rows = session.execute(
-                select(BalanceSnapshot.openid, BalanceSnapshot.zone_id).where(
-                    BalanceSnapshot.openid.in_(openids)
-                )
-            )
-            fetched = {(openid, zone_id) for openid, zone_id in rows}
+            fetched = accounts_fetched(session, openids)
         for account in fetched & set(waiting):
             no, amount = waiting.pop(account)
             sim.save(account[0], account[1], amount, no)

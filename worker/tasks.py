@@ -1,176 +1,39 @@
 """Celery tasks: JSON ids in, one transaction around one service call, follow-ups after it.
 
-Follow-up messages are sent only after the transaction committed, so a message never points
-at rows that do not exist; a crash between the commit and the send is repaired by the sweep
-(stale claims go back to the plan, running runs are pumped again).
+The follow-ups (the next messages, the Redis keys that go with them) are worker.dispatch's,
+registered with `after_commit` inside the transaction: sent once it committed, never when it
+rolled back.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
-import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Final
 
 import redis
 from sqlalchemy.exc import InterfaceError, OperationalError
 
 from worker import business_calendar as clock
+from worker import dispatch
 from worker.business_calendar import FutureDate
 from worker.celery_app import (
     FETCH_HARD_LIMIT_S,
     FETCH_SOFT_LIMIT_S,
-    MAX_COUNTDOWN_S,
-    NIGHTLY_QUEUE,
     PLAN_HARD_LIMIT_S,
     PLAN_SOFT_LIMIT_S,
-    RECHECK_QUEUE,
     project_task,
 )
-from worker.config import ConfigError, Settings, get_settings
+from worker.config import ConfigError, get_settings
 from worker.db.runs import unfinished_runs
-from worker.db.session import session_scope
+from worker.db.session import after_commit, after_rollback, session_scope
 from worker.recon import rechecks
 from worker.recon import runs as service
-from worker.recon.batches import Batch, parse_claim
+from worker.recon.batches import parse_claim
 from worker.text import strip_controls
+from worker.vocabulary import RunKind, RunStatus
 
 log = logging.getLogger(__name__)
-
-# Fetch batches waiting in the nightly queue, at most: enough that a process finishing a
-# batch finds the next one at once (the pump refills after every batch), few enough that
-# the plan stays in Postgres and a recheck never queues behind a long list.
-NIGHTLY_QUEUE_DEPTH: Final = 4
-# Batches a pump may send at once for a recheck or confirm run (small runs, fast lane).
-FAST_LANE_BATCHES: Final = 10
-# One pump message per run at a time; if it is lost the key expires and the sweep sends one.
-PUMP_KEY_TTL_MS: Final = 30_000
-# A claim is alive while its Redis key exists. The sender sets it for the time a message may
-# wait in a queue (a countdown included); the batch refreshes it while it runs, with a short
-# expiry, so the claims of a worker killed outright are taken back within half a minute.
-QUEUED_CLAIM_TTL_MS: Final = 300_000
-RUNNING_CLAIM_TTL_MS: Final = 20_000
-HEARTBEAT_EVERY_S: Final = 5.0
-# Confirm passes scheduled for the same few seconds are sent once.
-CONFIRM_BUCKET_S: Final = 5
-LEDGER_SCAN_STATE_KEY: Final = "midas_recon:ledger_scan:state"
-
-
-# -- per-process resources ----------------------------------------------------------------------
-
-
-@dataclass
-class _Runtime:
-    settings: Settings
-    redis: redis.Redis
-    deps: service.FetchDeps | None = None
-
-    def fetch_deps(self) -> service.FetchDeps:
-        if self.deps is None:
-            from worker.midas.limiter import make_limiter
-
-            limiter = make_limiter(self.settings, redis=self.redis)
-            self.deps = service.FetchDeps.from_settings(
-                self.settings, limiter=limiter, redis=self.redis
-            )
-        return self.deps
-
-
-_lock = threading.Lock()
-_runtime: tuple[int, _Runtime] | None = None
-
-
-def runtime() -> _Runtime:
-    """This process's Redis client, limiter and Midas client, made after the fork."""
-    global _runtime
-    with _lock:
-        if _runtime is None or _runtime[0] != os.getpid():
-            settings = get_settings()
-            if settings.REDIS_URL is None:
-                raise RuntimeError("REDIS_URL is not set: the Celery tasks need Redis")
-            client = redis.Redis.from_url(
-                settings.REDIS_URL, socket_timeout=10.0, socket_connect_timeout=5.0
-            )
-            _runtime = (os.getpid(), _Runtime(settings, client))
-        return _runtime[1]
-
-
-# -- sending follow-ups -------------------------------------------------------------------------
-
-
-def claim_key(run_id: int, claim: dt.datetime) -> str:
-    return f"midas_recon:claim:{run_id}:{claim.isoformat()}"
-
-
-def claim_alive(run_id: int) -> Callable[[dt.datetime], bool]:
-    client = runtime().redis
-    return lambda claim: bool(client.exists(claim_key(run_id, claim)))
-
-
-def dispatch_batch(batch: Batch, kind: str, *, countdown: float | None = None) -> None:
-    """Mark the claim alive, then send the batch: nightly batches to the bulk lane, recheck
-    and confirm batches to the fast one."""
-    runtime().redis.set(claim_key(batch.run_id, batch.claim), "1", px=QUEUED_CLAIM_TTL_MS)
-    queue = NIGHTLY_QUEUE if kind == "nightly" else RECHECK_QUEUE
-    fetch_batch.apply_async(
-        args=(batch.run_id, batch.account_ids, batch.claim_token), queue=queue, countdown=countdown
-    )
-
-
-@contextmanager
-def heartbeat(run_id: int, claim: dt.datetime) -> Iterator[None]:
-    """Keep the claim's key alive while the batch runs; drop it when the batch ends."""
-    client, key = runtime().redis, claim_key(run_id, claim)
-    stop = threading.Event()
-
-    def beat() -> None:
-        while True:
-            try:
-                client.set(key, "1", px=RUNNING_CLAIM_TTL_MS)
-            except redis.RedisError:
-                log.warning("heartbeat_failed", extra={"run_id": run_id})
-            if stop.wait(HEARTBEAT_EVERY_S):
-                return
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{run_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        client.delete(key)
-
-
-def request_pump(run_id: int, *, countdown: float | None = None) -> None:
-    """Send a pump for the run unless one is already on its way."""
-    if runtime().redis.set(f"midas_recon:pump:{run_id}", "1", nx=True, px=PUMP_KEY_TTL_MS):
-        pump.apply_async(args=(run_id,), countdown=countdown)
-
-
-def schedule_confirm(due: dt.datetime) -> None:
-    """A confirm pass just after `due`; further out than the longest countdown we send, the
-    periodic pass takes it (an ETA message longer than that risks a second delivery)."""
-    wait = (due - clock.utcnow()).total_seconds()
-    if wait > MAX_COUNTDOWN_S:
-        return
-    bucket = -(-int(due.timestamp()) // CONFIRM_BUCKET_S) * CONFIRM_BUCKET_S
-    countdown = max(0.0, bucket - clock.utcnow().timestamp()) + 0.5
-    key = f"midas_recon:confirm_at:{bucket}"
-    if runtime().redis.set(key, "1", nx=True, px=int((countdown + 60) * 1000)):
-        confirm_pass.apply_async(countdown=countdown)
-
-
-def _room(kind: str) -> int:
-    if kind != "nightly":
-        return FAST_LANE_BATCHES
-    # Messages without a priority sit in the Redis list named after the queue (kombu).
-    waiting = int(runtime().redis.llen(NIGHTLY_QUEUE))
-    return max(0, NIGHTLY_QUEUE_DEPTH - waiting)
 
 
 # -- arguments ----------------------------------------------------------------------------------
@@ -216,41 +79,37 @@ def start_nightly(business_date: str | None = None, trigger: str = "beat") -> No
     day = dt.date.fromisoformat(business_date) if business_date is not None else None
     if not isinstance(trigger, str) or not 0 < len(trigger := strip_controls(trigger)) <= 32:
         raise ValueError("trigger must be a short name")
-    rt = runtime()
+    settings = dispatch.runtime().settings
     try:
-        with session_scope(rt.settings.DATABASE_URL) as session:
-            started = service.start_nightly(
-                session, rt.settings, business_date=day, trigger=trigger
-            )
+        with session_scope(settings.DATABASE_URL) as session:
+            started = service.start_nightly(session, settings, business_date=day, trigger=trigger)
+            # Planning: it waits for the night before.
+            if started.status in (RunStatus.RUNNING, RunStatus.PLANNING):
+                after_commit(session, lambda: dispatch.request_pump(started.run_id))
     except FutureDate as exc:
         log.error("nightly_refused", extra={"reason": str(exc)})  # a retry cannot help
-        return
-    if started.status in ("running", "planning"):  # planning: it waits for the night before
-        request_pump(started.run_id)
 
 
 @project_task("pump")
 def pump(run_id: int) -> None:
     """Claim the next batches of a run while the queue has room; finalize when all is done."""
     run_id = _run_id(run_id)
-    rt = runtime()
-    # From here on a new request may send the next pump: this one may not see its work.
-    rt.redis.delete(f"midas_recon:pump:{run_id}")
-    with session_scope(rt.settings.DATABASE_URL) as session:
+    settings = dispatch.runtime().settings
+    dispatch.pump_started(run_id)
+    with session_scope(settings.DATABASE_URL) as session:
         result = service.pump(
             session,
             run_id,
-            room=_room,
-            size=service.batch_size(rt.settings),
-            is_alive=claim_alive(run_id),
-            settings=rt.settings,
+            room=dispatch.room,
+            size=service.batch_size(settings),
+            is_alive=dispatch.claim_alive(run_id),
+            settings=settings,
         )
-    if result.status != "running":
-        notify_run_closed(run_id)
-    for batch in result.batches:
-        dispatch_batch(batch, result.kind)
-    for waiting in result.wake:  # the night before closed: the next one may plan now
-        request_pump(waiting)
+        if result.status != RunStatus.RUNNING:
+            after_commit(session, lambda: dispatch.run_closed(run_id))
+        after_commit(session, lambda: dispatch.send_batches(result.batches, result.kind))
+        # The night before closed: the next one may plan now.
+        after_commit(session, lambda: dispatch.request_pumps(result.wake))
 
 
 @project_task("fetch_batch", soft_time_limit=FETCH_SOFT_LIMIT_S, time_limit=FETCH_HARD_LIMIT_S)
@@ -262,7 +121,7 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         # without a claim would race them for the same accounts.
         log.error("batch_without_claim", extra={"run_id": run_id})
         return
-    rt = runtime()
+    rt = dispatch.runtime()
     token = parse_claim(claim)
     try:
         deps = rt.fetch_deps()
@@ -271,9 +130,9 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
         # the variable, never a value) and resumes with `midas-recon run --date D`.
         with session_scope(rt.settings.DATABASE_URL) as session:
             service.fail_run(session, run_id, f"configuration: {exc}")
-        notify_run_closed(run_id)
+            after_commit(session, lambda: dispatch.run_closed(run_id))
         return
-    with heartbeat(run_id, token):
+    with dispatch.heartbeat(run_id, token):
         result = service.run_batch(
             lambda: session_scope(rt.settings.DATABASE_URL),
             deps,
@@ -281,20 +140,13 @@ def fetch_batch(run_id: int, account_ids: list[int], claim: str | None = None) -
             account_ids,
             token,
         )
+    # run_batch owns its two transactions and has committed both: its follow-ups may go.
     if result.stopped is not None:
-        notify_run_closed(run_id)
+        dispatch.run_closed(run_id)
     if result.kind is not None:
-        request_pump(run_id)
+        dispatch.request_pump(run_id)
     if result.confirm_due is not None:
-        schedule_confirm(result.confirm_due)
-
-
-@project_task("finalize")
-def finalize(run_id: int) -> None:
-    """Close the run if every item is done (the pump does this too; this is for operators)."""
-    run_id = _run_id(run_id)
-    with session_scope(get_settings().DATABASE_URL) as session:
-        service.finalize(session, run_id)
+        dispatch.schedule_confirm(result.confirm_due)
 
 
 @project_task("sweep")
@@ -302,8 +154,7 @@ def sweep() -> None:
     """Pump every running run: lost pumps, stale claims and unfinalized runs heal here."""
     with session_scope(get_settings().DATABASE_URL) as session:
         running = unfinished_runs(session)
-    for run_id, _kind in running:
-        request_pump(run_id)
+        after_commit(session, lambda: dispatch.request_pumps(run_id for run_id, _ in running))
 
 
 @project_task("recheck", retry_on=TRANSIENT)
@@ -316,19 +167,23 @@ def recheck(
     except rechecks.RecheckRejected as exc:
         log.error("recheck_rejected", extra={"reason": str(exc)})
         return
-    rt = runtime()
+    rt = dispatch.runtime()
     if not rechecks.first_of_burst(rt.redis, request.openid, request.zone_id):
         log.info("recheck_debounced", extra={"openid": request.openid, "zone_id": request.zone_id})
         return
-    try:
-        with session_scope(rt.settings.DATABASE_URL) as session:
-            batch = rechecks.plan_recheck(session, rt.settings, request)
-    except BaseException:
-        # Planning failed (the task retries on a transient error): a burst key left behind
-        # would debounce the retry itself, and the recheck would be lost.
-        rechecks.forget_burst(rt.redis, request.openid, request.zone_id)
-        raise
-    dispatch_batch(batch, "recheck", countdown=rechecks.RECHECK_DELAY_S)
+    with session_scope(rt.settings.DATABASE_URL) as session:
+        # If planning fails (the task retries on a transient error), a burst key left behind
+        # would debounce the retry itself and the recheck would be lost. The key is taken
+        # before planning, not after: two messages of one burst planned side by side would
+        # make two runs. A send failing after the commit keeps it: the sweep sends the batch.
+        after_rollback(
+            session, lambda: rechecks.forget_burst(rt.redis, request.openid, request.zone_id)
+        )
+        batch = rechecks.plan_recheck(session, rt.settings, request)
+        after_commit(
+            session,
+            lambda: dispatch.send_batch(batch, RunKind.RECHECK, countdown=rechecks.RECHECK_DELAY_S),
+        )
 
 
 @project_task("record_login", retry_on=TRANSIENT)
@@ -358,28 +213,22 @@ def record_login(
 @project_task("scan_ledger", soft_time_limit=120, time_limit=150)
 def scan_ledger() -> None:
     """Recheck the accounts of ledger rows that appeared since the last scan."""
-    rt = runtime()
-    raw: Any = rt.redis.get(LEDGER_SCAN_STATE_KEY)
+    raw = dispatch.ledger_scan_state()
     state = rechecks.ScanState.loads(raw) if raw else None
-    with session_scope(rt.settings.DATABASE_URL) as session:
+    with session_scope(dispatch.runtime().settings.DATABASE_URL) as session:
         result = rechecks.scan_ledger(session, state)
-    if result.busy:
-        return
-    rt.redis.set(LEDGER_SCAN_STATE_KEY, result.state.dumps())
-    for openid, zone_id in result.accounts:
-        recheck.apply_async(kwargs={"openid": openid, "zone_id": zone_id, "reason": "ledger"})
+        if not result.busy:
+            after_commit(session, lambda: dispatch.save_ledger_scan_state(result.state.dumps()))
+            after_commit(session, lambda: dispatch.send_rechecks(result.accounts, "ledger"))
 
 
 @project_task("confirm_pass", soft_time_limit=120, time_limit=150)
 def confirm_pass() -> None:
     """Re-fetch the accounts whose suspected cases are due (one confirm run)."""
-    rt = runtime()
-    with session_scope(rt.settings.DATABASE_URL) as session:
-        batches = rechecks.plan_confirm_pass(
-            session, rt.settings, size=service.batch_size(rt.settings)
-        )
-    for batch in batches:
-        dispatch_batch(batch, "confirm")
+    settings = dispatch.runtime().settings
+    with session_scope(settings.DATABASE_URL) as session:
+        batches = rechecks.plan_confirm_pass(session, settings, size=service.batch_size(settings))
+        after_commit(session, lambda: dispatch.send_batches(batches, RunKind.CONFIRM))
 
 
 # -- alerts (worker/alerts) ---------------------------------------------------------------------
@@ -392,24 +241,6 @@ ALERT_MAX_RETRIES: Final = 8
 
 class AlertNotDelivered(Exception):
     """Some webhook did not take the alert yet; the task retries with backoff."""
-
-
-def notify_run_closed(run_id: int) -> None:
-    """A run just closed: record its alerts (failed, incomplete, cases confirmed) and send them.
-
-    Called after the run's transaction committed. Never raises: an alert must not cost the
-    run anything; the periodic check finds what this missed within a minute.
-    """
-    try:
-        rt = runtime()
-        from worker.alerts.service import raise_for_run
-
-        with session_scope(rt.settings.DATABASE_URL) as session:
-            new = raise_for_run(session, rt.settings, run_id)
-        for alert_id in new:
-            send_alert.apply_async(args=(alert_id,))
-    except Exception:  # logged and left to the periodic check
-        log.warning("alert_hook_failed", extra={"run_id": run_id}, exc_info=True)
 
 
 # Each target gets (connect, read) timeouts of 10 s: a few slow webhooks fit the soft limit.
@@ -451,7 +282,7 @@ def check_alerts() -> None:
     from worker.alerts import service as alerts
     from worker.midas.limiter import fleet_pauses_since
 
-    rt = runtime()
+    rt = dispatch.runtime()
     now = clock.utcnow()
     pauses = fleet_pauses_since(rt.redis, now.timestamp() - 3600)
     with session_scope(rt.settings.DATABASE_URL) as session:
@@ -460,5 +291,4 @@ def check_alerts() -> None:
         )
         again = alerts.stalled(session, rt.settings, now)
         alerts.refresh_gauges(session, rt.settings, pauses_last_hour=pauses)
-    for alert_id in [*new, *again]:
-        send_alert.apply_async(args=(alert_id,))
+        after_commit(session, lambda: dispatch.send_alerts([*new, *again]))

@@ -55,6 +55,7 @@ PREFIX = {
 def env(
     monkeypatch: pytest.MonkeyPatch, db_url: str, redis_url: str, receiver: Receiver
 ) -> Iterator[dict[str, str]]:
+    import worker.dispatch
     import worker.tasks
     from worker.celery_app import app
     from worker.config import get_settings
@@ -72,7 +73,7 @@ def env(
     for k, v in values.items():
         monkeypatch.setenv(k, v)
     get_settings.cache_clear()  # building the test database read the settings before
-    monkeypatch.setattr(worker.tasks, "_runtime", None)  # the per-process settings cache
+    monkeypatch.setattr(worker.dispatch, "_runtime", None)  # the per-process settings cache
     # The tasks' own code, in this process: apply_async runs at once, retries included.
     monkeypatch.setitem(app.conf, "task_always_eager", True)
     yield values
@@ -189,9 +190,9 @@ def test_each_event_reaches_each_format_exactly_once(
     storm(env["REDIS_URL"], now, pauses=7)
     for _ in range(3):  # the periodic check, again and again: nothing twice
         check_alerts.apply()
-    from worker.tasks import notify_run_closed
+    from worker.dispatch import run_closed
 
-    notify_run_closed(ids["failed"])  # the hook after a run closes: already known, nothing new
+    run_closed(ids["failed"])  # the hook after a run closes: already known, nothing new
 
     for fmt, prefix in PREFIX.items():
         got = receiver.ok(prefix)

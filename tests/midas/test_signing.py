@@ -109,7 +109,6 @@ def test_signatures_are_lowercase_hex() -> None:
         signing.v1_mp_sig({**PARAMS, "access_token": "T"}, "/p", "c2Vzc2lvbg=="),
         signing.v2_pay_sig("/wxa/game/getbalance", body, KEY),
         signing.v2_signature(body, "c2Vzc2lvbg=="),
-        signing.checksession_signature("c2Vzc2lvbg=="),
     ):
         assert HEX64.match(value), value
 

@@ -160,9 +160,9 @@ def test_the_start_task_refuses_a_future_date_without_retrying(
     monkeypatch.setenv("DATABASE_URL", db_url)
     monkeypatch.setenv("REDIS_URL", redis_url)
     get_settings.cache_clear()
-    from worker import tasks
+    from worker import dispatch, tasks
 
-    monkeypatch.setattr(tasks, "_runtime", None)
+    monkeypatch.setattr(dispatch, "_runtime", None)
     future = (get_settings().calendar.today() + dt.timedelta(days=3)).isoformat()
     with caplog.at_level(logging.ERROR, logger="worker.tasks"):
         tasks.start_nightly.run(business_date=future, trigger="beat")

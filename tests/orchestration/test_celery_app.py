@@ -31,7 +31,6 @@ INTERFACE = {
     "midas_recon.start_nightly": ["business_date", "trigger"],
     "midas_recon.fetch_batch": ["run_id", "account_ids", "claim"],
     "midas_recon.pump": ["run_id"],
-    "midas_recon.finalize": ["run_id"],
     "midas_recon.sweep": [],
     "midas_recon.recheck": ["openid", "zone_id", "reason", "bill_no"],
     "midas_recon.record_login": ["openid", "zone_id", "session_key", "at"],

@@ -18,12 +18,12 @@ from tests.orchestration.test_nightly import GETBALANCE, MIDAS_RECON, done_items
 from worker.celery_app import make_app
 from worker.db.models import Account, LedgerEntry, MismatchCase, Run, RunItem
 from worker.db.session import session_scope
+from worker.dispatch import QUEUED_CLAIM_TTL_MS, claim_key
 from worker.intake import seal_session_key
 from worker.recon import rechecks
 from worker.recon.batches import Batch
 from worker.recon.runs import pump, start_nightly
 from worker.simulator import Simulator
-from worker.tasks import QUEUED_CLAIM_TTL_MS, claim_key
 
 pytestmark = pytest.mark.integration
 
@@ -297,13 +297,13 @@ def test_a_recheck_whose_planning_failed_is_planned_by_its_retry(
     was gone."""
     from sqlalchemy.exc import OperationalError
 
-    from worker import tasks
+    from worker import dispatch, tasks
     from worker.config import get_settings
 
     monkeypatch.setenv("DATABASE_URL", db_url)
     monkeypatch.setenv("REDIS_URL", redis_url)
     get_settings.cache_clear()
-    monkeypatch.setattr(tasks, "_runtime", None)
+    monkeypatch.setattr(dispatch, "_runtime", None)
     real = rechecks.plan_recheck
     calls = []
 

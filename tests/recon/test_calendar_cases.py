@@ -13,7 +13,7 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from tests.recon.conftest import SETTLE, T0, Books
-from worker.db import runs as runs_repo
+from worker.db import confirm as confirm_repo
 from worker.db.accounts import AccountRow, upsert_accounts
 from worker.db.ledger_totals import AccountAt, ledger_sums
 from worker.db.models import MismatchCase, MismatchEvent
@@ -95,7 +95,7 @@ def test_an_unobservable_confirming_fetch_parks_the_case_until_the_next_login(
     upsert_accounts(pg_session, [AccountRow("o1", "1")], now=T0)
     books.ledger("o1", "save", 600, T0 - MIN)
     assert reconcile(pg_session, books.snapshot("o1", T0, off={"balance": 10}), now=T0).opened
-    due = runs_repo.due_confirm_accounts(
+    due = confirm_repo.due_confirm_accounts(
         pg_session, now=DUE, retry_after=DUE - dt.timedelta(seconds=600), limit=10
     )
     assert len(due) == 1
@@ -107,15 +107,15 @@ def test_an_unobservable_confirming_fetch_parks_the_case_until_the_next_login(
     assert "waiting for the player's next login" in (case.parked_reason or "")
     later = DUE + dt.timedelta(hours=3)  # long past the usual retry
     args = {"retry_after": later - dt.timedelta(seconds=600), "limit": 10}
-    assert runs_repo.due_confirm_accounts(pg_session, now=later, **args) == []
-    assert runs_repo.last_confirm_due(pg_session, until=later) is None
+    assert confirm_repo.due_confirm_accounts(pg_session, now=later, **args) == []
+    assert confirm_repo.last_confirm_due(pg_session, until=later) is None
     # The player logs in again: a new session key, and the case is due again.
     upsert_accounts(
         pg_session,
         [AccountRow("o1", "1", session_key_enc="gAAAA-sealed", session_key_at=later)],
         now=later,
     )
-    assert runs_repo.due_confirm_accounts(pg_session, now=later, **args) == due
+    assert confirm_repo.due_confirm_accounts(pg_session, now=later, **args) == due
     # Parking again after a login that did not help records no second event.
     assert park_unobserved(pg_session, [("o1", "1", "errcode 90016")], now=later) == 0
     notes = pg_session.scalars(select(MismatchEvent.note).where(MismatchEvent.note.is_not(None)))

@@ -1,4 +1,4 @@
-"""The comparison rules on their own: the default checks, the RECON_CHECKS parser, compare()."""
+"""The comparison rules on their own: the default checks, the RECON_CHECKS parser, evaluate()."""
 
 from __future__ import annotations
 
@@ -13,14 +13,21 @@ from worker.config import ConfigError, Settings, load_settings
 from worker.recon.rules import (
     DEFAULT_CHECKS,
     Check,
+    Difference,
     checks_from_settings,
-    compare,
     evaluate,
     parse_checks,
 )
 
 amounts = st.integers(min_value=1, max_value=10**12)
 ledgers = st.lists(st.tuples(st.sampled_from(KINDS), amounts), max_size=40)
+
+
+def differing(
+    midas: dict[str, int], sums: dict[str, int], checks: tuple[Check, ...]
+) -> list[Difference]:
+    """The differing checks, as the mismatch lifecycle reads them (worker.recon.cases)."""
+    return [d for d in evaluate(midas, sums, checks) if not d.agrees]
 
 
 def sums_of(rows: list[tuple[str, int]]) -> dict[str, int]:
@@ -44,19 +51,19 @@ def test_default_checks_cannot_be_changed_in_place() -> None:
 
 def test_tolerance_is_zero() -> None:
     midas = {**expected_counters([("save", 600)]), "balance": 601}
-    [diff] = compare(midas, {"save": 600}, DEFAULT_CHECKS)
+    [diff] = differing(midas, {"save": 600}, DEFAULT_CHECKS)
     assert (diff.check, diff.midas_value, diff.ledger_value, diff.delta) == ("balance", 601, 600, 1)
 
 
 def test_missing_kinds_count_as_zero() -> None:
     midas = expected_counters([])
-    assert compare(midas, {}, DEFAULT_CHECKS) == []
+    assert differing(midas, {}, DEFAULT_CHECKS) == []
     assert [d.ledger_value for d in evaluate(midas, {}, DEFAULT_CHECKS)] == [0, 0, 0, 0]
 
 
 @given(ledgers)
 def test_agreeing_books_show_no_difference(rows: list[tuple[str, int]]) -> None:
-    assert compare(expected_counters(rows), sums_of(rows), DEFAULT_CHECKS) == []
+    assert differing(expected_counters(rows), sums_of(rows), DEFAULT_CHECKS) == []
 
 
 @given(
@@ -69,7 +76,7 @@ def test_one_counter_off_shows_exactly_its_checks(
 ) -> None:
     midas = expected_counters(rows)
     midas[field] += delta
-    diffs = compare(midas, sums_of(rows), DEFAULT_CHECKS)
+    diffs = differing(midas, sums_of(rows), DEFAULT_CHECKS)
     assert {d.check for d in diffs} == AFFECTED_BY_FIELD[field]
     assert all(d.delta == delta for d in diffs)
 
@@ -79,7 +86,7 @@ def test_one_extra_ledger_row_shows_exactly_its_checks(
     rows: list[tuple[str, int]], kind: str, amount: int
 ) -> None:
     midas = expected_counters(rows)  # Midas never saw the extra row
-    diffs = compare(midas, sums_of([*rows, (kind, amount)]), DEFAULT_CHECKS)
+    diffs = differing(midas, sums_of([*rows, (kind, amount)]), DEFAULT_CHECKS)
     assert {d.check for d in diffs} == AFFECTED_BY_KIND[kind]
     assert all(abs(d.delta) == amount for d in diffs)
 
@@ -105,7 +112,7 @@ def test_recon_checks_replaces_the_mapping() -> None:
         Check("topups", "save_amt", {"save": 1, "cancel": -1}),
     )
     midas = {**expected_counters([]), "gen_balance": 5, "save_amt": 7}
-    diffs = compare(midas, {"present": 5, "save": 10, "cancel": 3}, checks)
+    diffs = differing(midas, {"present": 5, "save": 10, "cancel": 3}, checks)
     assert diffs == []
 
 

@@ -262,7 +262,7 @@ def task_env(db_url: str, redis_url: str, monkeypatch: pytest.MonkeyPatch) -> st
 
 @settings(max_examples=150, deadline=None, suppress_health_check=FIXTURES_OK)
 @given(
-    task=st.sampled_from(["fetch_batch", "pump", "finalize"]),
+    task=st.sampled_from(["fetch_batch", "pump"]),
     args=st.lists(ANY_ARG, min_size=1, max_size=3),
 )
 def test_fuzzed_task_arguments_are_refused_without_a_write(

@@ -9,14 +9,11 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from tests.reports.conftest import CAL, D, seed
-from worker.db.models import OPEN_CASE_STATUSES, MismatchCase
+from worker.db.models import MismatchCase
 from worker.db.session import session_scope
-from worker.reports.statement import (
-    MOVEMENT_FIELDS,
-    Statement,
-    build_statement,
-    open_cases_at,
-)
+from worker.db.statement import open_cases_at
+from worker.reports.statement import MOVEMENT_FIELDS, Statement, build_statement
+from worker.vocabulary import OPEN_CASE_STATUSES
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +120,7 @@ def test_open_mismatches_view_lists_the_open_cases(seeded: tuple[str, dict[str, 
 
 def test_view_sql_uses_the_models_status_lists() -> None:
     from tests.conftest import ROOT
-    from worker.reports.statement import CLOSED_CASE_STATUSES
+    from worker.db.statement import CLOSED_CASE_STATUSES
 
     sql = (ROOT / "migrations" / "versions" / "20261124_0002_report_views.py").read_text()
     assert f"IN {tuple(OPEN_CASE_STATUSES)!r}" in sql

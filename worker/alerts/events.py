@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 from worker import business_calendar as clock
+from worker.vocabulary import RunKind, RunStatus
 
 
 class AlertKind(StrEnum):
@@ -134,13 +135,13 @@ def run_closed(run: ClosedRun, web_base: str | None) -> Alert | None:
     }
     what = f"{run.kind} run {run.id} ({run.business_date.isoformat()})"
     coverage = f"{run.ok} ok, {run.unobservable} unobservable, {run.error} errors of {run.planned}"
-    if run.status == "failed":
+    if run.status == RunStatus.FAILED:
         code = stop_code(run.failure_reason)
         # A nightly is one per date: one alert each. Recheck and confirm runs come by the
         # hundred while Midas refuses (every payment makes one): one alert per kind, cause and
         # hour, or a 90011 would flood the channel.
         key = f"run:{run.id}:failed"
-        if run.kind != "nightly":
+        if run.kind != RunKind.NIGHTLY:
             hour = (run.finished_at or clock.utcnow()).astimezone(dt.UTC)
             key = f"runs:{run.kind}:failed:{code or 'other'}:{hour:%Y-%m-%dT%H}"
         reason = run.failure_reason or "no reason recorded"
@@ -166,7 +167,7 @@ def run_closed(run: ClosedRun, web_base: str | None) -> Alert | None:
             link,
             {**facts, "reason": reason},
         )
-    if run.status == "incomplete" and run.kind == "nightly":
+    if run.status == RunStatus.INCOMPLETE and run.kind == RunKind.NIGHTLY:
         return Alert(
             AlertKind.RUN_INCOMPLETE,
             f"run:{run.id}:incomplete",

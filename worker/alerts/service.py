@@ -33,6 +33,12 @@ from worker.metrics import (
     OPEN_CASES,
     RATE_LIMIT,
 )
+from worker.vocabulary import (
+    OPEN_CASE_STATUSES,
+    RUN_STATUSES,
+    DeliveryStatus,
+    RunStatus,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +92,11 @@ def late_nightly(session: Session, settings: Settings, now: dt.datetime) -> Aler
         if now - deadline > LATE_NOTICE_WINDOW or repo.latest_nightly_status(session) is None:
             return None  # long past, or no nightly ever ran here: nothing to say yet
         status = repo.nightly_status(session, candidate)
-        return None if status == "complete" else events.nightly_late(candidate, deadline, status)
+        return (
+            None
+            if status == RunStatus.COMPLETE
+            else events.nightly_late(candidate, deadline, status)
+        )
     return None
 
 
@@ -111,7 +121,7 @@ def raise_for_run(session: Session, settings: Settings, run_id: int) -> list[int
     """The alerts of one run that has just closed (failed, incomplete, cases confirmed)."""
     base = settings.RECON_WEB_BASE_URL
     run = repo.closed_run(session, run_id)
-    if run is None or run.status in ("planning", "running"):
+    if run is None or run.status in (RunStatus.PLANNING, RunStatus.RUNNING):
         return []
     due = [a] if (a := events.run_closed(run, base)) else []
     cases = repo.confirmed_by_closed_runs(session, run_id=run_id)
@@ -149,7 +159,12 @@ def deliver(
             failed.append(target.label)
             with db() as session:
                 repo.note_attempt(
-                    session, alert_id, target.label, status="pending", error=error, now=now()
+                    session,
+                    alert_id,
+                    target.label,
+                    status=DeliveryStatus.PENDING,
+                    error=error,
+                    now=now(),
                 )
             ALERTS_SENT.labels(alert.kind.value, "retry").inc()
             log.warning(
@@ -193,9 +208,9 @@ def refresh_gauges(session: Session, settings: Settings, *, pauses_last_hour: in
         midnight = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
         LAST_COMPLETE_NIGHTLY_DATE.set(midnight.timestamp())
     latest = repo.latest_nightly_status(session)
-    for status in ("planning", "running", "complete", "incomplete", "failed"):
+    for status in RUN_STATUSES:
         LATEST_NIGHTLY_STATUS.labels(status).set(1 if status == latest else 0)
     counts = repo.cases_by_status(session)
-    for status in ("suspected", "confirmed", "acknowledged"):
+    for status in OPEN_CASE_STATUSES:
         OPEN_CASES.labels(status).set(counts.get(status, 0))
     FLEET_PAUSES_LAST_HOUR.set(pauses_last_hour)

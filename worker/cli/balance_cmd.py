@@ -80,21 +80,16 @@ def balance_command(
 
 def _stored_session_key(s: Settings, openid: str, zone_id: str) -> str | None:
     """The account's session_key in clear, or None when none is stored."""
-    from sqlalchemy import select
     from sqlalchemy.exc import SQLAlchemyError
 
+    from worker.db.accounts import stored_session_key
     from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
-    from worker.db.models import Account
     from worker.db.session import session_scope
 
     cipher = SessionKeyCipher.from_settings(s)  # ConfigError (exit 2) when the key is unset
     try:
         with session_scope(s.DATABASE_URL) as db:
-            stored = db.scalar(
-                select(Account.session_key_enc).where(
-                    Account.openid == openid, Account.zone_id == zone_id
-                )
-            )
+            stored = stored_session_key(db, openid, zone_id)
     except SQLAlchemyError as exc:
         raise UsageError(
             f"cannot read the session_key from DATABASE_URL ({type(exc).__name__}); run "

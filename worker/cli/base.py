@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import wraps
-from types import ModuleType
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -105,14 +104,17 @@ def parse_date(value: str, option: str = "--date") -> dt.date:
         raise UsageError(f"{option} {value!r} is not a date (YYYY-MM-DD)") from None
 
 
-def broker(send: Callable[[ModuleType], None]) -> None:
-    """Send through the workers' own task module (its app is built from this environment)."""
-    from worker import tasks
+def broker(send: Callable[[], None]) -> Callable[[], None]:
+    """`send` (through worker.dispatch, whose app is built from this environment), for
+    `after_commit`: a broker that cannot be reached is one line."""
 
-    try:
-        send(tasks)
-    except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
-        raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None
+    def sending() -> None:
+        try:
+            send()
+        except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds; one line)
+            raise UsageError(f"cannot reach Redis at REDIS_URL ({type(exc).__name__})") from None
+
+    return sending
 
 
 def table(header: Sequence[str], rows: list[list[str]]) -> str:

@@ -7,7 +7,6 @@ number and reason, and nothing is stored.
 from __future__ import annotations
 
 from pathlib import Path
-from types import ModuleType
 
 import click
 from sqlalchemy.engine import make_url
@@ -22,6 +21,7 @@ from worker.cli.base import (
     settings,
 )
 from worker.config import Settings
+from worker.vocabulary import RunKind
 
 
 def _where(url: str) -> str:
@@ -233,23 +233,21 @@ def _recheck_late_accounts(cfg: Settings, before: int) -> None:
     """Recheck the accounts a late file made stale (see ledger_import)."""
     from functools import partial
 
-    from worker.db.session import session_scope
+    from worker.db.session import after_commit, session_scope
     from worker.recon.rechecks import plan_late_ledger_rechecks
     from worker.recon.runs import batch_size
 
     with database_errors(), session_scope(cfg.DATABASE_URL) as session:
         batches = plan_late_ledger_rechecks(session, cfg, after_id=before, size=batch_size(cfg))
+        if batches and not cfg.embedded:
+            from worker import dispatch
+
+            after_commit(session, broker(lambda: dispatch.send_batches(batches, RunKind.RECHECK)))
     if not batches:
         return
     planned = sum(len(b.account_ids) for b in batches)
     run_id = batches[0].run_id
     if not cfg.embedded:
-
-        def send(tasks: ModuleType) -> None:
-            for batch in batches:
-                tasks.dispatch_batch(batch, "recheck")
-
-        broker(send)
         click.echo(f"recheck run #{run_id}: {planned} accounts compared before these rows, sent")
         return
     from worker.midas.limiter import make_limiter

@@ -133,11 +133,11 @@ def show(case_id: int, fmt: str) -> None:
     One line per transition: when, who (system or operator:NAME), from and to, the Midas and
     ledger values seen, the snapshot and run that moved it, and the operator's note.
     """
-    from worker.db.cases import case_events
+    from worker.db.cases import case_events, get_case
     from worker.db.session import session_scope
 
     with database_errors(), session_scope(settings().DATABASE_URL) as session:
-        case = session.get(MismatchCase, case_id)
+        case = get_case(session, case_id)
         if case is None:
             raise UsageError(f"no mismatch case {case_id}")
         row = _case_row(case)

@@ -31,8 +31,9 @@ from worker.cli.base import (
     table,
 )
 from worker.config import Settings
-from worker.db.models import RUN_KINDS, Run
+from worker.db.models import Run
 from worker.fields import RUN_FIELDS
+from worker.vocabulary import RUN_KINDS, RunKind, RunStatus, SnapshotStatus
 
 TABLE_FIELDS = RUN_FIELDS[:-1]
 # --wait: a run that moved nothing for this long is probably missing its workers.
@@ -88,7 +89,8 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
         if s.embedded:
             _run_embedded(s, business_date)
             return
-        from worker.db.session import session_scope
+        from worker import dispatch
+        from worker.db.session import after_commit, session_scope
         from worker.recon.runs import start_nightly
 
         with database_errors(), session_scope(s.DATABASE_URL) as session:
@@ -99,6 +101,8 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
                 trigger="cli",
                 resume_failed=True,
             )
+            if started.status in (RunStatus.RUNNING, RunStatus.PLANNING):
+                after_commit(session, broker(lambda: dispatch.request_pump(started.run_id)))
     except FutureDate as exc:
         raise UsageError(str(exc)) from None
     verb = "started" if started.created else "resumed" if started.resumed_from else "joined"
@@ -112,7 +116,7 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
             f"{', '.join(f'#{i}' for i in started.closed)}; its accounts not yet fetched are "
             "deferred (tonight's plan ranks them by risk)"
         )
-    if started.waiting_for and started.status == "failed":
+    if started.waiting_for and started.status == RunStatus.FAILED:
         click.echo(
             f"run #{started.run_id} stays failed while nightly run "
             f"{', '.join(f'#{i}' for i in started.waiting_for)} is open (one night at a "
@@ -124,14 +128,12 @@ def run_cmd(day: str | None, wait: bool, timeout: float | None) -> None:
             f"{', '.join(f'#{i}' for i in started.waiting_for)} to store its batches in "
             "flight, then plans"
         )
-    if started.status in ("running", "planning"):
-        broker(lambda tasks: tasks.request_pump(started.run_id))
     if wait:
         final = _watch(s, started.run_id, timeout=timeout)
     else:
         with session_scope(s.DATABASE_URL) as session:
             final = _get(session, started.run_id)
-        if final.status in ("planning", "running"):
+        if final.status in (RunStatus.PLANNING, RunStatus.RUNNING):
             return
     _conclude(final)
 
@@ -170,7 +172,7 @@ def _conclude(run: Run) -> None:
         f"ok {run.ok}, unobservable {run.unobservable}, error {run.error}, "
         f"mismatches opened {run.mismatches_opened}"
     )
-    if run.kind == "nightly" and run.capacity is not None:
+    if run.kind == RunKind.NIGHTLY and run.capacity is not None:
         summary += (
             f"; capacity {run.capacity}, deferred {run.deferred}, "
             f"coverage {run.coverage_verdict or '-'}"
@@ -178,10 +180,10 @@ def _conclude(run: Run) -> None:
         note = (run.coverage or {}).get("note")
         if note:
             summary += f" ({note})"
-    if run.status == "complete":
+    if run.status == RunStatus.COMPLETE:
         click.echo(summary)
         return
-    if run.status == "failed":
+    if run.status == RunStatus.FAILED:
         raise JobFailed(f"{summary}; failed: {run.failure_reason}")
     raise JobFailed(summary)
 
@@ -198,7 +200,7 @@ def _watch(s: Settings, run_id: int, *, timeout: float | None = None) -> Run:
     while True:
         with database_errors(), session_scope(s.DATABASE_URL) as session:
             p = read_progress(session, run_id)
-            if p.status not in ("planning", "running"):
+            if p.status not in (RunStatus.PLANNING, RunStatus.RUNNING):
                 bar.update(p)
                 bar.close()
                 return _get(session, run_id)
@@ -284,7 +286,7 @@ def _duration(seconds: float) -> str:
 @click.option(
     "--kind",
     type=click.Choice([*RUN_KINDS, "all"]),
-    default="nightly",
+    default=RunKind.NIGHTLY.value,
     show_default=True,
     help="nightly runs, or the rechecks after payments, the confirm passes, or all.",
 )
@@ -356,7 +358,7 @@ def recheck_cmd(openid: str, zone_id: str, wait: bool, timeout: float, enroll: b
     always in embedded mode): 0 when Midas answered or the account is unobservable, 1 on an
     error answer or when no worker answered in time; 2 an unknown account (see --enroll).
     """
-    from worker.db.session import session_scope
+    from worker.db.session import after_commit, session_scope
     from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
 
     s = settings()
@@ -367,12 +369,15 @@ def recheck_cmd(openid: str, zone_id: str, wait: bool, timeout: float, enroll: b
     try:
         with database_errors(), session_scope(s.DATABASE_URL) as session:
             batch = plan_recheck(session, s, request, enroll=enroll)
+            if not s.embedded:
+                from worker import dispatch
+
+                after_commit(session, broker(lambda: dispatch.send_batch(batch, RunKind.RECHECK)))
     except RecheckRejected as exc:
         raise UsageError(str(exc)) from None
     if s.embedded:
         _recheck_inline(s, batch)
     else:
-        broker(lambda tasks: tasks.dispatch_batch(batch, "recheck"))
         click.echo(
             f"recheck run #{batch.run_id} sent for {request.openid} (zone {request.zone_id})"
         )
@@ -406,7 +411,7 @@ def _wait_for(s: Settings, run_id: int, timeout: float) -> None:
     give_up = time.monotonic() + timeout
     while time.monotonic() < give_up:
         with database_errors(), session_scope(s.DATABASE_URL) as session:
-            if _get(session, run_id).status not in ("planning", "running"):
+            if _get(session, run_id).status not in (RunStatus.PLANNING, RunStatus.RUNNING):
                 return
         time.sleep(0.5)
     raise JobFailed(
@@ -425,12 +430,12 @@ def _print_snapshot(s: Settings, run_id: int) -> None:
     if not snaps:
         raise JobFailed(f"recheck run #{run_id} is {run.status} without an answer")
     snap = snaps[0]
-    if snap.status == "ok":
+    if snap.status == SnapshotStatus.OK:
         values = ", ".join(f"{name} {getattr(snap, name)}" for name in VALUE_FIELDS)
         click.echo(f"ok: {values}; mismatches opened {run.mismatches_opened}")
         return
     text = f"{snap.status}: errcode {snap.errcode} {snap.errmsg or ''}".rstrip()
-    if snap.status == "error":
+    if snap.status == SnapshotStatus.ERROR:
         raise JobFailed(text)
     click.echo(text)
 

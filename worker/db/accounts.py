@@ -232,3 +232,16 @@ def check_a_stored_key_opens(settings: Settings) -> None:
             "SESSION_KEY_ENCRYPTION_KEY does not open the stored session keys; list the key "
             "that encrypted them (new,old) and run `midas-recon accounts rekey`"
         ) from None
+
+
+def stored_session_key(session: Session, openid: str, zone_id: str) -> str | None:
+    """The account's session key as stored (encrypted), None when none is or no account."""
+    return session.scalar(
+        select(Account.session_key_enc).where(Account.openid == openid, Account.zone_id == zone_id)
+    )
+
+
+def account_id(session: Session, openid: str, zone_id: str) -> int | None:
+    return session.execute(
+        select(_accounts.c.id).where(_accounts.c.openid == openid, _accounts.c.zone_id == zone_id)
+    ).scalar_one_or_none()

@@ -11,15 +11,9 @@ from sqlalchemy.orm import Session
 
 from worker.alerts.events import Alert as AlertEvent
 from worker.alerts.events import ClosedRun, ConfirmedCase
-from worker.db.models import (
-    OPEN_CASE_STATUSES,
-    Alert,
-    AlertDelivery,
-    MismatchCase,
-    MismatchEvent,
-    Run,
-)
+from worker.db.models import Alert, AlertDelivery, MismatchCase, MismatchEvent, Run
 from worker.db.session import dialect_insert
+from worker.vocabulary import OPEN_CASE_STATUSES, CaseStatus, DeliveryStatus, RunKind, RunStatus
 
 
 def record(session: Session, alert: AlertEvent) -> int | None:
@@ -42,7 +36,7 @@ def delivered(session: Session, alert_id: int) -> set[str]:
     """Targets that already took this alert (or were given up on)."""
     rows = session.scalars(
         select(AlertDelivery.target).where(
-            AlertDelivery.alert_id == alert_id, AlertDelivery.status != "pending"
+            AlertDelivery.alert_id == alert_id, AlertDelivery.status != DeliveryStatus.PENDING
         )
     )
     return set(rows)
@@ -86,14 +80,14 @@ def give_up(session: Session, alert_id: int, target: str, *, now: dt.datetime) -
     session.execute(
         update(AlertDelivery)
         .where(AlertDelivery.alert_id == alert_id, AlertDelivery.target == target)
-        .values(status="failed", updated_at=now)
+        .values(status=DeliveryStatus.FAILED, updated_at=now)
     )
 
 
 def stalled(session: Session, targets: int, *, now: dt.datetime, quiet: dt.timedelta) -> list[int]:
     """Alerts of the last day that some target has not settled (sent or given up), with no
     attempt for `quiet`: their message was lost or their task killed. Not those retrying."""
-    settled = func.sum(case((AlertDelivery.status != "pending", 1), else_=0))
+    settled = func.sum(case((AlertDelivery.status != DeliveryStatus.PENDING, 1), else_=0))
     last_touch = func.coalesce(func.max(AlertDelivery.updated_at), Alert.created_at)
     rows = session.scalars(
         select(Alert.id)
@@ -162,7 +156,7 @@ def closed_runs(session: Session, since: dt.datetime) -> list[ClosedRun]:
     """Failed and incomplete runs that closed after `since` (ix_runs_status keeps it small)."""
     rows = session.execute(
         _closed_run_query()
-        .where(Run.status.in_(("failed", "incomplete")), Run.finished_at >= since)
+        .where(Run.status.in_((RunStatus.FAILED, RunStatus.INCOMPLETE)), Run.finished_at >= since)
         .order_by(Run.id)
     ).all()
     return [ClosedRun(**row._asdict()) for row in rows]
@@ -191,9 +185,9 @@ def confirmed_by_closed_runs(
         .join(MismatchEvent, MismatchEvent.case_id == MismatchCase.id)
         .join(Run, Run.id == MismatchEvent.run_id)
         .where(
-            MismatchCase.status == "confirmed",  # ix_mismatch_cases_status_due
-            MismatchEvent.to_status == "confirmed",
-            Run.status.in_(("complete", "incomplete", "failed")),
+            MismatchCase.status == CaseStatus.CONFIRMED,  # ix_mismatch_cases_status_due
+            MismatchEvent.to_status == CaseStatus.CONFIRMED,
+            Run.status.in_((RunStatus.COMPLETE, RunStatus.INCOMPLETE, RunStatus.FAILED)),
         )
         .order_by(MismatchCase.id)
     )
@@ -210,14 +204,16 @@ def confirmed_by_closed_runs(
 
 def nightly_status(session: Session, day: dt.date) -> str | None:
     """The status of the nightly run of `day`, or None when there is none."""
-    return session.scalar(select(Run.status).where(Run.kind == "nightly", Run.business_date == day))
+    return session.scalar(
+        select(Run.status).where(Run.kind == RunKind.NIGHTLY, Run.business_date == day)
+    )
 
 
 def last_complete_nightly(session: Session) -> tuple[dt.date, dt.datetime] | None:
     """The business date and finish time of the newest complete nightly run."""
     row = session.execute(
         select(Run.business_date, Run.finished_at)
-        .where(Run.kind == "nightly", Run.status == "complete")
+        .where(Run.kind == RunKind.NIGHTLY, Run.status == RunStatus.COMPLETE)
         .order_by(Run.business_date.desc())
         .limit(1)
     ).one_or_none()
@@ -228,7 +224,10 @@ def last_complete_nightly(session: Session) -> tuple[dt.date, dt.datetime] | Non
 
 def latest_nightly_status(session: Session) -> str | None:
     return session.scalar(
-        select(Run.status).where(Run.kind == "nightly").order_by(Run.business_date.desc()).limit(1)
+        select(Run.status)
+        .where(Run.kind == RunKind.NIGHTLY)
+        .order_by(Run.business_date.desc())
+        .limit(1)
     )
 
 

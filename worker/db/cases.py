@@ -13,14 +13,9 @@ from typing import Any, TypeVar, cast
 from sqlalchemy import ColumnElement, Table, and_, exists, func, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
-from worker.db.models import (
-    OPEN_CASE_STATUSES,
-    Account,
-    BalanceSnapshot,
-    MismatchCase,
-    MismatchEvent,
-)
+from worker.db.models import Account, BalanceSnapshot, MismatchCase, MismatchEvent
 from worker.db.session import dialect_insert
+from worker.vocabulary import OPEN_CASE_STATUSES, CaseStatus, SnapshotStatus
 
 _T = TypeVar("_T")
 
@@ -51,7 +46,7 @@ def current_ok_snapshots(session: Session, snapshot_ids: Sequence[int]) -> list[
     superseded = exists().where(
         newer.openid == s.openid,
         newer.zone_id == s.zone_id,
-        newer.status == "ok",
+        newer.status == SnapshotStatus.OK,
         or_(
             newer.fetched_at > s.fetched_at,
             and_(newer.fetched_at == s.fetched_at, newer.id > s.id),
@@ -59,7 +54,7 @@ def current_ok_snapshots(session: Session, snapshot_ids: Sequence[int]) -> list[
     )
     out: list[BalanceSnapshot] = []
     for chunk in _chunks(list(dict.fromkeys(snapshot_ids))):
-        query = select(s).where(s.id.in_(chunk), s.status == "ok", ~superseded)
+        query = select(s).where(s.id.in_(chunk), s.status == SnapshotStatus.OK, ~superseded)
         out.extend(session.scalars(query))
     out.sort(key=lambda snap: snap.id)
     return out
@@ -90,7 +85,7 @@ def lock_suspected_of(
     session: Session, accounts: Collection[tuple[str, str]]
 ) -> list[MismatchCase]:
     """The suspected cases of these accounts, locked in id order."""
-    return [c for c in lock_open_cases(session, accounts) if c.status == "suspected"]
+    return [c for c in lock_open_cases(session, accounts) if c.status == CaseStatus.SUSPECTED]
 
 
 def lock_open_cases_of_other_checks(
@@ -181,6 +176,10 @@ def list_cases(session: Session, statuses: Iterable[str] | None = None) -> list[
     if statuses is not None:
         query = query.where(MismatchCase.status.in_(list(statuses)))
     return list(session.scalars(query))
+
+
+def get_case(session: Session, case_id: int) -> MismatchCase | None:
+    return session.get(MismatchCase, case_id)
 
 
 def case_events(session: Session, case_id: int) -> list[MismatchEvent]:

@@ -20,6 +20,7 @@ from worker.db.models import (
     MismatchEvent,
     Run,
 )
+from worker.vocabulary import RunKind, RunStatus
 
 _R = TypeVar("_R")
 
@@ -151,10 +152,10 @@ def cases_opened_by(session: Session, run_id: int, *, limit: int) -> list[Mismat
     return list(session.scalars(stmt))
 
 
-def last_finished_nightly(session: Session, status: str = "complete") -> Run | None:
+def last_finished_nightly(session: Session, status: str = RunStatus.COMPLETE) -> Run | None:
     stmt = (
         select(Run)
-        .where(Run.kind == "nightly", Run.status == status)
+        .where(Run.kind == RunKind.NIGHTLY, Run.status == status)
         .order_by(Run.business_date.desc())
         .limit(1)
     )

@@ -27,15 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from worker.db.models import (
-    OPEN_CASE_STATUSES,
-    Account,
-    LedgerEntry,
-    MismatchCase,
-    Run,
-    RunDeferral,
-    RunItem,
-)
+from worker.db.models import Account, LedgerEntry, MismatchCase, Run, RunDeferral, RunItem
+from worker.vocabulary import OPEN_CASE_STATUSES, ItemState, RunKind, RunStatus, SnapshotStatus
 
 _accounts = cast(Table, Account.__table__)
 _items = cast(Table, RunItem.__table__)
@@ -136,7 +129,9 @@ def plan_by_risk(
 def previous_night_start(session: Session, run_id: int) -> dt.datetime | None:
     """When the latest other nightly began fetching."""
     return session.execute(
-        select(func.max(_runs.c.started_at)).where(_runs.c.kind == "nightly", _runs.c.id != run_id)
+        select(func.max(_runs.c.started_at)).where(
+            _runs.c.kind == RunKind.NIGHTLY, _runs.c.id != run_id
+        )
     ).scalar_one_or_none()
 
 
@@ -208,7 +203,7 @@ def defer_pending(session: Session, run_id: int) -> dict[int, int]:
     counts: dict[int, int] = {}
     for tier, n in session.execute(
         select(_items.c.tier, func.count())
-        .where(_items.c.run_id == run_id, _items.c.state == "pending")
+        .where(_items.c.run_id == run_id, _items.c.state == ItemState.PENDING)
         .group_by(_items.c.tier)
     ):
         key = ROTATION if tier is None else int(tier)
@@ -216,8 +211,8 @@ def defer_pending(session: Session, run_id: int) -> dict[int, int]:
     if counts:
         session.execute(
             update(_items)
-            .where(_items.c.run_id == run_id, _items.c.state == "pending")
-            .values(state="done", outcome="deferred")
+            .where(_items.c.run_id == run_id, _items.c.state == ItemState.PENDING)
+            .values(state=ItemState.DONE, outcome="deferred")
         )
     return counts
 
@@ -225,7 +220,7 @@ def defer_pending(session: Session, run_id: int) -> dict[int, int]:
 def has_claimed_items(session: Session, run_id: int) -> bool:
     claimed = (
         select(_items.c.account_id)
-        .where(_items.c.run_id == run_id, _items.c.state == "claimed")
+        .where(_items.c.run_id == run_id, _items.c.state == ItemState.CLAIMED)
         .exists()
     )
     return bool(session.execute(select(claimed)).scalar())
@@ -246,8 +241,8 @@ def other_open_nightlies(session: Session, run_id: int) -> list[tuple[int, str]]
     rows = session.execute(
         select(_runs.c.id, _runs.c.status)
         .where(
-            _runs.c.kind == "nightly",
-            _runs.c.status.in_(("planning", "running")),
+            _runs.c.kind == RunKind.NIGHTLY,
+            _runs.c.status.in_((RunStatus.PLANNING, RunStatus.RUNNING)),
             _runs.c.id != run_id,
         )
         .order_by(_runs.c.id)
@@ -264,13 +259,17 @@ def record_answers(session: Session, answers: Iterable[tuple[int, str, dt.dateti
     early at worst, which can only make the planner see movement that it has seen already."""
     by_status: dict[str, tuple[list[int], dt.datetime]] = {}
     for account_id, status, fetched_at in answers:
-        if status not in ("ok", "unobservable"):
+        if status not in (SnapshotStatus.OK, SnapshotStatus.UNOBSERVABLE):
             continue  # an error observed nothing: the account stays as urgent as it was
         ids, earliest = by_status.get(status, ([], fetched_at))
         ids.append(account_id)
         by_status[status] = (ids, min(earliest, fetched_at))
     for status, (ids, at) in by_status.items():
-        column = _accounts.c.last_ok_at if status == "ok" else _accounts.c.last_unobservable_at
+        column = (
+            _accounts.c.last_ok_at
+            if status == SnapshotStatus.OK
+            else _accounts.c.last_unobservable_at
+        )
         session.execute(
             update(_accounts)
             .where(_accounts.c.id.in_(ids))
@@ -338,7 +337,7 @@ def tier_outcomes(session: Session, run_id: int) -> dict[tuple[int, str], int]:
     """{(tier, outcome): items} of a nightly run's done items."""
     rows = session.execute(
         select(_items.c.tier, _items.c.outcome, func.count())
-        .where(_items.c.run_id == run_id, _items.c.state == "done")
+        .where(_items.c.run_id == run_id, _items.c.state == ItemState.DONE)
         .group_by(_items.c.tier, _items.c.outcome)
     )
     return {(int(t if t is not None else ROTATION), str(o)): int(n) for t, o, n in rows}

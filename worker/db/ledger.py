@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from worker.db.models import Account, BalanceSnapshot, LedgerEntry
 from worker.db.session import dialect_insert
+from worker.vocabulary import SnapshotStatus
 
 BATCH_SIZE = 1000
 COMPARED = ("openid", "zone_id", "kind", "amount", "occurred_at")
@@ -144,7 +145,7 @@ def accounts_compared_without(session: Session, after_id: int) -> list[int]:
         .where(
             snap.c.openid == late.c.openid,
             snap.c.zone_id == late.c.zone_id,
-            snap.c.status == "ok",
+            snap.c.status == SnapshotStatus.OK,
             snap.c.fetched_at >= late.c.earliest,
         )
         .exists()

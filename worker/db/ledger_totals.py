@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 from sqlalchemy import Integer, Select, String, and_, column, func, select, values
 from sqlalchemy.orm import Session
 
-from worker.db.models import LEDGER_KINDS, LedgerEntry, UTCDateTime
+from worker.db.models import LedgerEntry, UTCDateTime
+from worker.vocabulary import LEDGER_KINDS
 
 # Three bind parameters a key: far below Postgres' 65535 and SQLite's 32766 per statement.
 CHUNK = 2000

@@ -30,6 +30,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from worker.vocabulary import (
+    CASE_STATUSES,
+    DELIVERY_STATUSES,
+    ITEM_STATES,
+    LEDGER_KINDS,
+    OPEN_CASE_STATUSES,
+    RUN_KINDS,
+    RUN_STATUSES,
+    SNAPSHOT_STATUSES,
+    DeliveryStatus,
+    ItemState,
+    RunKind,
+    RunStatus,
+)
+
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
     "uq": "uq_%(table_name)s_%(column_0_N_name)s",
@@ -41,14 +56,6 @@ NAMING_CONVENTION = {
 # BIGINT on Postgres; SQLite only auto-increments a column declared exactly INTEGER.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 Coins = BigInteger  # integer coins, never floats
-
-SNAPSHOT_STATUSES = ("ok", "unobservable", "error")
-LEDGER_KINDS = ("save", "cost", "cancel", "present")
-RUN_KINDS = ("nightly", "recheck", "confirm")
-RUN_STATUSES = ("planning", "running", "complete", "incomplete", "failed")
-ITEM_STATES = ("pending", "claimed", "done")
-CASE_STATUSES = ("suspected", "confirmed", "cleared", "resolved", "acknowledged")
-OPEN_CASE_STATUSES = ("suspected", "confirmed", "acknowledged")
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):
@@ -73,7 +80,8 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
-    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+    """A CHECK (or index predicate) from worker.vocabulary's plain strings."""
+    return f"{column} IN ({', '.join(repr(str(v)) for v in values)})"
 
 
 class Base(DeclarativeBase):
@@ -157,7 +165,7 @@ class Run(Base):
     business_date: Mapped[dt.date] = mapped_column(Date)
     kind: Mapped[str] = mapped_column(String(16))
     trigger: Mapped[str] = mapped_column(String(32))  # beat, cli, demo, payment, ledger-scan…
-    status: Mapped[str] = mapped_column(String(16), server_default="planning")
+    status: Mapped[str] = mapped_column(String(16), server_default=RunStatus.PLANNING.value)
     api_version: Mapped[str] = mapped_column(String(2))
     planned: Mapped[int] = mapped_column(Integer, server_default="0")
     ok: Mapped[int] = mapped_column(Integer, server_default="0")
@@ -184,7 +192,7 @@ class Run(Base):
         closed_by = (self.coverage or {}).get("closed_by_run_id")
         if closed_by is not None:
             return f"closed by #{closed_by}"
-        if self.kind == "nightly" and self.status == "planning":
+        if self.kind == RunKind.NIGHTLY and self.status == RunStatus.PLANNING:
             return "waiting for the night before"
         return None
 
@@ -202,7 +210,7 @@ class RunItem(Base):
 
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), primary_key=True)
-    state: Mapped[str] = mapped_column(String(16), server_default="pending")
+    state: Mapped[str] = mapped_column(String(16), server_default=ItemState.PENDING.value)
     # When a batch claimed it; a claim older than the visibility window is taken back.
     claimed_at: Mapped[dt.datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(16))  # the snapshot status once done
@@ -369,9 +377,6 @@ class Operator(Base):
     created_at: Mapped[dt.datetime] = mapped_column(server_default=func.now())
 
 
-ALERT_DELIVERY_STATUSES = ("pending", "sent", "failed")
-
-
 class Alert(Base):
     """An event worth a message (worker/alerts), recorded once: its key is its identity."""
 
@@ -390,12 +395,12 @@ class AlertDelivery(Base):
     """One alert to one webhook: sent once, retried until then (a failed one is given up)."""
 
     __tablename__ = "alert_deliveries"
-    __table_args__ = (CheckConstraint(_in("status", ALERT_DELIVERY_STATUSES), name="status"),)
+    __table_args__ = (CheckConstraint(_in("status", DELIVERY_STATUSES), name="status"),)
 
     alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id"), primary_key=True)
     # The target's label (format#position:hash of the URL), never the URL: it holds the key.
     target: Mapped[str] = mapped_column(String(64), primary_key=True)
-    status: Mapped[str] = mapped_column(String(16), server_default="pending")
+    status: Mapped[str] = mapped_column(String(16), server_default=DeliveryStatus.PENDING.value)
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)  # redacted, label only
     sent_at: Mapped[dt.datetime | None]

@@ -35,26 +35,14 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from worker.db.models import (
-    Account,
-    BalanceSnapshot,
-    Cursor,
-    LedgerEntry,
-    MismatchCase,
-    Run,
-    RunClaim,
-    RunItem,
-)
+from worker.db.models import Account, Run, RunClaim, RunItem
 from worker.db.session import dialect_insert
+from worker.vocabulary import RunKind, RunStatus
 
 _runs = cast(Table, Run.__table__)
 _items = cast(Table, RunItem.__table__)
 _claims = cast(Table, RunClaim.__table__)
 _accounts = cast(Table, Account.__table__)
-_cases = cast(Table, MismatchCase.__table__)
-_snapshots = cast(Table, BalanceSnapshot.__table__)
-_cursors = cast(Table, Cursor.__table__)
-_ledger = cast(Table, LedgerEntry.__table__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +93,9 @@ def insert_nightly_run(
         dialect_insert(session, _runs)
         .values(
             business_date=business_date,
-            kind="nightly",
+            kind=RunKind.NIGHTLY,
             trigger=trigger,
-            status="planning",
+            status=RunStatus.PLANNING,
             api_version=api_version,
             created_at=now,
         )
@@ -135,7 +123,7 @@ def insert_run(
             business_date=business_date,
             kind=kind,
             trigger=trigger,
-            status="running",
+            status=RunStatus.RUNNING,
             api_version=api_version,
             created_at=now,
             started_at=now,
@@ -149,7 +137,7 @@ def nightly_dates_after(session: Session, business_date: dt.date) -> list[dt.dat
     """Business dates later than `business_date` that have a nightly run."""
     query = (
         select(_runs.c.business_date)
-        .where(_runs.c.kind == "nightly", _runs.c.business_date > business_date)
+        .where(_runs.c.kind == RunKind.NIGHTLY, _runs.c.business_date > business_date)
         .order_by(_runs.c.business_date)
     )
     return list(session.execute(query).scalars())
@@ -157,7 +145,9 @@ def nightly_dates_after(session: Session, business_date: dt.date) -> list[dt.dat
 
 def nightly_run_id(session: Session, business_date: dt.date) -> int | None:
     return session.execute(
-        select(_runs.c.id).where(_runs.c.kind == "nightly", _runs.c.business_date == business_date)
+        select(_runs.c.id).where(
+            _runs.c.kind == RunKind.NIGHTLY, _runs.c.business_date == business_date
+        )
     ).scalar_one_or_none()
 
 
@@ -173,7 +163,9 @@ def mark_running(session: Session, run_id: int, *, planned: int, now: dt.datetim
         update(_runs)
         .where(_runs.c.id == run_id)
         .values(
-            status="running", planned=planned, started_at=func.coalesce(_runs.c.started_at, now)
+            status=RunStatus.RUNNING,
+            planned=planned,
+            started_at=func.coalesce(_runs.c.started_at, now),
         )
     )
 
@@ -183,12 +175,12 @@ def resume_failed(session: Session, run_id: int) -> str | None:
     row = session.execute(
         select(_runs.c.status, _runs.c.failure_reason).where(_runs.c.id == run_id).with_for_update()
     ).one()
-    if row.status != "failed":
+    if row.status != RunStatus.FAILED:
         return None
     session.execute(
         update(_runs)
         .where(_runs.c.id == run_id)
-        .values(status="running", failure_reason=None, finished_at=None)
+        .values(status=RunStatus.RUNNING, failure_reason=None, finished_at=None)
     )
     return str(row.failure_reason or "")
 
@@ -209,7 +201,7 @@ def unfinished_runs(session: Session) -> list[tuple[int, str]]:
     """(id, kind) of runs still running, or waiting to plan: what the sweep pumps."""
     rows = session.execute(
         select(_runs.c.id, _runs.c.kind)
-        .where(_runs.c.status.in_(("planning", "running")))
+        .where(_runs.c.status.in_((RunStatus.PLANNING, RunStatus.RUNNING)))
         .order_by(_runs.c.id)
     )
     return [(int(i), str(k)) for i, k in rows]
@@ -481,19 +473,13 @@ def accounts_in_flight(*, kind: str) -> Select[tuple[int]]:
         .join(_runs, _runs.c.id == _items.c.run_id)
         .where(
             _runs.c.kind == kind,
-            _runs.c.status == "running",
+            _runs.c.status == RunStatus.RUNNING,
             or_(_items.c.state == "pending", _items.c.state == "claimed"),
         )
     )
 
 
-# -- where rechecks and confirm runs come from ------------------------------------------------
-
-
-def account_id(session: Session, openid: str, zone_id: str) -> int | None:
-    return session.execute(
-        select(_accounts.c.id).where(_accounts.c.openid == openid, _accounts.c.zone_id == zone_id)
-    ).scalar_one_or_none()
+# -- one night at a time ---------------------------------------------------------------------
 
 
 def serialize_nightly_planning(session: Session) -> None:
@@ -501,128 +487,6 @@ def serialize_nightly_planning(session: Session) -> None:
     one at a time (Postgres; SQLite has one writer anyway). Ends with the transaction."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text("SELECT pg_advisory_xact_lock(hashtext('midas_recon.nightly'))"))
-
-
-def serialize_confirm_planning(session: Session) -> None:
-    """Two confirm passes must not plan the same accounts: one plans at a time (Postgres;
-    SQLite has one writer anyway). The lock ends with the transaction."""
-    if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(hashtext('midas_recon.confirm_pass'))"))
-
-
-def due_confirm_accounts(
-    session: Session, *, now: dt.datetime, retry_after: dt.datetime, limit: int
-) -> list[int]:
-    """Accounts with a suspected case due for its confirming re-fetch.
-
-    Left out: accounts already in a running confirm run, those fetched at/after the due
-    time more recently than `retry_after` (that answer was an error, or it would have
-    confirmed or cleared the case): they are tried again later, not every pass; and parked
-    cases (unobservable at their re-fetch) until the account's session key is renewed.
-    """
-    tried = (
-        select(_snapshots.c.id)
-        .where(
-            _snapshots.c.openid == _cases.c.openid,
-            _snapshots.c.zone_id == _cases.c.zone_id,
-            _snapshots.c.fetched_at >= _cases.c.confirm_due_at,
-            _snapshots.c.fetched_at >= retry_after,
-        )
-        .exists()
-    )
-    stmt = (
-        select(_accounts.c.id)
-        .join(
-            _cases,
-            (_cases.c.openid == _accounts.c.openid) & (_cases.c.zone_id == _accounts.c.zone_id),
-        )
-        .where(
-            _cases.c.status == "suspected",
-            _cases.c.confirm_due_at <= now,
-            _not_parked(),
-            ~tried,
-            _accounts.c.id.not_in(accounts_in_flight(kind="confirm")),
-        )
-        .distinct()
-        .order_by(_accounts.c.id)
-        .limit(limit)
-    )
-    return [int(a) for a in session.execute(stmt).scalars()]
-
-
-def last_confirm_due(session: Session, *, until: dt.datetime) -> dt.datetime | None:
-    """The latest due time, up to `until`, of a suspected case not re-fetched since it was
-    due: waiting for it lets one confirm pass take them all."""
-    fetched_since_due = (
-        select(_snapshots.c.id)
-        .where(
-            _snapshots.c.openid == _cases.c.openid,
-            _snapshots.c.zone_id == _cases.c.zone_id,
-            _snapshots.c.fetched_at >= _cases.c.confirm_due_at,
-        )
-        .exists()
-    )
-    return session.execute(
-        select(func.max(_cases.c.confirm_due_at))
-        .join(
-            _accounts,
-            (_cases.c.openid == _accounts.c.openid) & (_cases.c.zone_id == _accounts.c.zone_id),
-        )
-        .where(
-            _cases.c.status == "suspected",
-            _cases.c.confirm_due_at <= until,
-            _not_parked(),
-            ~fetched_since_due,
-        )
-    ).scalar_one_or_none()
-
-
-def _not_parked() -> Any:
-    """A case (joined with its account) that is not parked, or whose account logged in with
-    a new session key since it was parked."""
-    return or_(
-        _cases.c.parked_at.is_(None),
-        _accounts.c.session_key_updated_at > _cases.c.parked_at,
-    )
-
-
-def lock_cursor(session: Session, name: str, *, initial: int, now: dt.datetime) -> int | None:
-    """The cursor's value, row-locked for this transaction; None while another holds it.
-
-    A missing cursor is created at `initial` first (ON CONFLICT: two first scans agree).
-    """
-    session.execute(
-        dialect_insert(session, _cursors)
-        .values(name=name, value=initial, updated_at=now)
-        .on_conflict_do_nothing(index_elements=[_cursors.c.name])
-    )
-    return session.execute(
-        select(_cursors.c.value).where(_cursors.c.name == name).with_for_update(skip_locked=True)
-    ).scalar_one_or_none()
-
-
-def set_cursor(session: Session, name: str, value: int, *, now: dt.datetime) -> None:
-    session.execute(
-        update(_cursors).where(_cursors.c.name == name).values(value=value, updated_at=now)
-    )
-
-
-def max_ledger_id(session: Session) -> int:
-    return int(session.execute(select(func.coalesce(func.max(_ledger.c.id), 0))).scalar_one())
-
-
-def ledger_rows_after(
-    session: Session, *, high: int, gaps: Sequence[tuple[int, int]], limit: int
-) -> list[tuple[int, str, str]]:
-    """(id, openid, zone_id) of ledger rows above `high` or inside a gap range, by id."""
-    where = [_ledger.c.id > high] + [_ledger.c.id.between(lo, hi) for lo, hi in gaps]
-    rows = session.execute(
-        select(_ledger.c.id, _ledger.c.openid, _ledger.c.zone_id)
-        .where(or_(*where))
-        .order_by(_ledger.c.id)
-        .limit(limit)
-    )
-    return [(int(i), str(o), str(z)) for i, o, z in rows]
 
 
 def _rowcount(result: Any) -> int:

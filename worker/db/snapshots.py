@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from worker.db.models import BalanceSnapshot
 from worker.db.session import dialect_insert
 from worker.midas.types import COUNTER_FIELDS
+from worker.vocabulary import SnapshotStatus
 
 _snapshots = cast(Table, BalanceSnapshot.__table__)
 
@@ -60,7 +61,9 @@ def insert_snapshots(
     params = []
     for row in rows:
         values = dict(row.values)
-        if (row.status == "ok") != bool(values) or (values and set(values) != set(VALUE_FIELDS)):
+        if (row.status == SnapshotStatus.OK) != bool(values) or (
+            values and set(values) != set(VALUE_FIELDS)
+        ):
             raise ValueError("a snapshot has all values exactly when its status is ok")
         params.append(
             {
@@ -82,9 +85,18 @@ def insert_snapshots(
     stmt = (
         dialect_insert(session, _snapshots)
         .on_conflict_do_nothing(
-            index_elements=[_snapshots.c.run_id, _snapshots.c.openid, _snapshots.c.zone_id]
+            index_elements=[
+                _snapshots.c.run_id,
+                _snapshots.c.openid,
+                _snapshots.c.zone_id,
+            ]
         )
-        .returning(_snapshots.c.id, _snapshots.c.openid, _snapshots.c.zone_id, _snapshots.c.status)
+        .returning(
+            _snapshots.c.id,
+            _snapshots.c.openid,
+            _snapshots.c.zone_id,
+            _snapshots.c.status,
+        )
     )
     stored = {
         (r.openid, r.zone_id): StoredSnapshot(int(r.id), r.openid, r.zone_id, r.status, True)
@@ -94,7 +106,10 @@ def insert_snapshots(
     if missing:
         existing = session.execute(
             select(
-                _snapshots.c.id, _snapshots.c.openid, _snapshots.c.zone_id, _snapshots.c.status
+                _snapshots.c.id,
+                _snapshots.c.openid,
+                _snapshots.c.zone_id,
+                _snapshots.c.status,
             ).where(
                 _snapshots.c.run_id == run_id,
                 tuple_(_snapshots.c.openid, _snapshots.c.zone_id).in_(missing),
@@ -115,3 +130,19 @@ def snapshots_of_run(session: Session, run_id: int) -> list[BalanceSnapshot]:
             .order_by(BalanceSnapshot.id)
         ).scalars()
     )
+
+
+def accounts_with_status(session: Session, run_id: int, status: str) -> set[tuple[str, str]]:
+    """(openid, zone_id) of the run's snapshots in `status`."""
+    query = select(BalanceSnapshot.openid, BalanceSnapshot.zone_id).where(
+        BalanceSnapshot.run_id == run_id, BalanceSnapshot.status == status
+    )
+    return {(openid, zone_id) for openid, zone_id in session.execute(query)}
+
+
+def accounts_fetched(session: Session, openids: Sequence[str]) -> set[tuple[str, str]]:
+    """(openid, zone_id) of these openids that have any snapshot stored."""
+    query = select(BalanceSnapshot.openid, BalanceSnapshot.zone_id).where(
+        BalanceSnapshot.openid.in_(openids)
+    )
+    return {(openid, zone_id) for openid, zone_id in session.execute(query)}

@@ -56,10 +56,5 @@ def v2_signature(post_body: bytes, session_key: str) -> str:
     return _hmac_hex(session_key, post_body)
 
 
-def checksession_signature(session_key: str) -> str:
-    """`/wxa/checksession` signs the empty string with the session_key."""
-    return _hmac_hex(session_key, b"")
-
-
 def constant_time_equal(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode("utf-8"), b.encode("utf-8"))

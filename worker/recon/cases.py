@@ -34,11 +34,12 @@ from sqlalchemy.orm import Session
 from worker import business_calendar as clock
 from worker.db import cases as repo
 from worker.db.ledger_totals import AccountAt, accounts_with_entries_after, ledger_sums
-from worker.db.models import OPEN_CASE_STATUSES, BalanceSnapshot, MismatchCase
+from worker.db.models import BalanceSnapshot, MismatchCase
 from worker.metrics import CASE_TRANSITIONS
 from worker.midas.types import COUNTER_FIELDS
 from worker.recon.rules import Check, Difference, evaluate
 from worker.text import strip_controls
+from worker.vocabulary import OPEN_CASE_STATUSES, CaseStatus
 
 SYSTEM = "system"
 OPERATOR_PREFIX = "operator:"
@@ -109,7 +110,7 @@ def reconcile_snapshots(
     # game dated within the skew of the fetch (or after it)? One query for the batch.
     first_due: dict[tuple[str, str], dt.datetime] = {}
     for (openid, zone_id, _), c in open_cases.items():
-        if c.status == "suspected" and c.confirm_due_at is not None:
+        if c.status == CaseStatus.SUSPECTED and c.confirm_due_at is not None:
             key = (openid, zone_id)
             first_due[key] = min(first_due.get(key, c.confirm_due_at), c.confirm_due_at)
     deciding = [
@@ -170,7 +171,15 @@ def park_unobserved(
         reason += "waiting for the player's next login"
         case.parked_at, case.parked_reason = now, reason[:500]
         if first:
-            _event(session, case, "suspected", "suspected", at=now, actor=actor, note=reason)
+            _event(
+                session,
+                case,
+                CaseStatus.SUSPECTED,
+                CaseStatus.SUSPECTED,
+                at=now,
+                actor=actor,
+                note=reason,
+            )
             parked += 1
     return parked
 
@@ -188,7 +197,7 @@ def close_cases_of_removed_checks(
     for case in repo.lock_open_cases_of_other_checks(session, [c.name for c in checks]):
         note = f"check {case.check!r} is no longer in RECON_CHECKS; closed without a verdict"
         note += f" (was {case.status})"
-        _transition(session, case, "resolved", at=now, actor=actor, note=note)
+        _transition(session, case, CaseStatus.RESOLVED, at=now, actor=actor, note=note)
         closed += 1
     return closed
 
@@ -199,12 +208,14 @@ def acknowledge(
     """An operator takes note of a suspected or confirmed case (it stays open)."""
     note, who = _operator_input(note, actor)
     case = _lock(session, case_id)
-    if case.status not in ("suspected", "confirmed"):
+    if case.status not in (CaseStatus.SUSPECTED, CaseStatus.CONFIRMED):
         raise TransitionRefused(
             f"case {case_id} is {case.status}; only a suspected or confirmed case can be "
             "acknowledged"
         )
-    _transition(session, case, "acknowledged", at=now or clock.utcnow(), actor=who, note=note)
+    _transition(
+        session, case, CaseStatus.ACKNOWLEDGED, at=now or clock.utcnow(), actor=who, note=note
+    )
     return case
 
 
@@ -216,7 +227,7 @@ def resolve(
     case = _lock(session, case_id)
     if case.status not in OPEN_CASE_STATUSES:
         raise TransitionRefused(f"case {case_id} is already {case.status}; it cannot be resolved")
-    _transition(session, case, "resolved", at=now or clock.utcnow(), actor=who, note=note)
+    _transition(session, case, CaseStatus.RESOLVED, at=now or clock.utcnow(), actor=who, note=note)
     return case
 
 
@@ -239,7 +250,7 @@ def _open(
             openid=snap.openid,
             zone_id=snap.zone_id,
             check=diff.check,
-            status="suspected",
+            status=CaseStatus.SUSPECTED,
             midas_value=diff.midas_value,
             ledger_value=diff.ledger_value,
             delta=diff.delta,
@@ -251,7 +262,9 @@ def _open(
             confirm_due_at=due_at,
         )
         if case is not None:
-            _event(session, case, None, "suspected", at=now, actor=actor, diff=diff, snap=snap)
+            _event(
+                session, case, None, CaseStatus.SUSPECTED, at=now, actor=actor, diff=diff, snap=snap
+            )
             return case, True
         # Lost the race: the other worker's case is committed now and is ours to advance.
         # (Were it closed again meanwhile, the next INSERT succeeds.)
@@ -282,9 +295,9 @@ def _advance(
         return
     case.parked_at = case.parked_reason = None  # observed again: no longer waiting for a login
     if diff.agrees:
-        to = "cleared" if case.status == "suspected" else "resolved"
+        to = CaseStatus.CLEARED if case.status == CaseStatus.SUSPECTED else CaseStatus.RESOLVED
         _transition(session, case, to, at=step.now, actor=step.actor, diff=diff, snap=snap)
-        if to == "cleared":
+        if to == CaseStatus.CLEARED:
             step.result.cleared += 1
         else:
             step.result.resolved += 1
@@ -294,7 +307,7 @@ def _advance(
     case.ledger_value = diff.ledger_value
     case.delta = diff.delta
     case.last_seen_at = snap.fetched_at
-    if case.status != "suspected":
+    if case.status != CaseStatus.SUSPECTED:
         return  # confirmed or acknowledged: still differing, nothing new to decide
     restart = None
     if not same_cause:
@@ -306,15 +319,17 @@ def _advance(
     elif (snap.openid, snap.zone_id) in step.in_flight:
         restart = "ledger rows dated within the clock skew of the fetch: payments may be in flight"
     if restart is None:
-        _transition(session, case, "confirmed", at=step.now, actor=step.actor, diff=diff, snap=snap)
+        _transition(
+            session, case, CaseStatus.CONFIRMED, at=step.now, actor=step.actor, diff=diff, snap=snap
+        )
         step.result.confirmed += 1
         return
     case.confirm_due_at = snap.fetched_at + step.settle
     _event(
         session,
         case,
-        "suspected",
-        "suspected",
+        CaseStatus.SUSPECTED,
+        CaseStatus.SUSPECTED,
         at=step.now,
         actor=step.actor,
         diff=diff,

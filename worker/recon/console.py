@@ -17,17 +17,10 @@ from typing import TYPE_CHECKING
 from sqlalchemy.orm import Session
 
 from worker.db import console as repo
-from worker.db.models import (
-    CASE_STATUSES,
-    LEDGER_KINDS,
-    OPEN_CASE_STATUSES,
-    BalanceSnapshot,
-    LedgerEntry,
-    MismatchCase,
-    MismatchEvent,
-)
+from worker.db.models import BalanceSnapshot, LedgerEntry, MismatchCase, MismatchEvent
 from worker.midas.types import COUNTER_FIELDS
 from worker.recon.rules import Check, Difference, evaluate
+from worker.vocabulary import CASE_STATUSES, LEDGER_KINDS, OPEN_CASE_STATUSES, SnapshotStatus
 
 if TYPE_CHECKING:
     from worker.business_calendar import BusinessCalendar
@@ -153,7 +146,7 @@ def account_history(
             seen.append(entries[i])
             i += 1
         points: list[Difference] = []
-        if snap.status == "ok":
+        if snap.status == SnapshotStatus.OK:
             midas = {name: getattr(snap, name) for name in COUNTER_FIELDS}
             points = evaluate(midas, sums, checks)
         fetches.append(Fetch(snap, dict(sums), points, seen))

@@ -38,6 +38,7 @@ from worker.metrics import (
     NIGHTLY_CAPACITY,
     NIGHTLY_DEFERRED,
 )
+from worker.vocabulary import SnapshotStatus
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def close_coverage(
     )
     outcomes = repo.tier_outcomes(session, run_id)
     moved_items = sum(n for (tier, _), n in outcomes.items() if tier == repo.MOVED)
-    moved_ok = outcomes.get((repo.MOVED, "ok"), 0)
+    moved_ok = outcomes.get((repo.MOVED, SnapshotStatus.OK), 0)
     # Items deferred at the deadline are among the items already: only `capacity` adds.
     moved = moved_items + sum(
         n

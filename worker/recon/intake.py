@@ -20,7 +20,7 @@ from worker import business_calendar as clock
 from worker.db import crypto
 from worker.db.accounts import AccountRow
 from worker.db.ledger import LedgerRow
-from worker.db.models import LEDGER_KINDS
+from worker.vocabulary import LEDGER_KINDS
 
 if TYPE_CHECKING:
     from worker.business_calendar import BusinessCalendar

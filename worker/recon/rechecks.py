@@ -23,13 +23,17 @@ from sqlalchemy.orm import Session
 
 from worker import business_calendar as clock
 from worker.config import Settings
+from worker.db import accounts as accounts_repo
+from worker.db import confirm as confirm_repo
 from worker.db import ledger as ledger_repo
+from worker.db import ledger_scan as scan_repo
 from worker.db import runs as repo
 from worker.db.accounts import AccountRow, upsert_accounts
 from worker.recon.batches import Batch
 from worker.recon.cases import close_cases_of_removed_checks
 from worker.recon.intake import check_bill_no, check_openid, check_zone_id
 from worker.recon.rules import checks_from_settings
+from worker.vocabulary import RunKind
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ def plan_recheck(
     a mistyped openid must not become a player.
     """
     now = now or clock.utcnow()
-    account = repo.account_id(session, request.openid, request.zone_id)
+    account = accounts_repo.account_id(session, request.openid, request.zone_id)
     if account is None and not enroll:
         raise RecheckRejected(
             f"no account {request.openid} in zone {request.zone_id}; check the openid and "
@@ -135,11 +139,11 @@ def plan_recheck(
         )
     if account is None:
         upsert_accounts(session, [AccountRow(request.openid, request.zone_id)], now=now)
-        account = repo.account_id(session, request.openid, request.zone_id)
+        account = accounts_repo.account_id(session, request.openid, request.zone_id)
         assert account is not None
     run_id = repo.insert_run(
         session,
-        kind="recheck",
+        kind=RunKind.RECHECK,
         business_date=settings.calendar.today(now),
         trigger=request.trigger,
         api_version=settings.MIDAS_API_VERSION,
@@ -175,7 +179,7 @@ def plan_late_ledger_rechecks(
     """
     now = now or clock.utcnow()
     accounts = ledger_repo.accounts_compared_without(session, after_id)
-    return _claimed_run(session, settings, "recheck", trigger, accounts, size=size, now=now)
+    return _claimed_run(session, settings, RunKind.RECHECK, trigger, accounts, size=size, now=now)
 
 
 def plan_confirm_pass(
@@ -188,16 +192,18 @@ def plan_confirm_pass(
     """One confirm run for every account due for its confirming re-fetch, claimed in batches
     (none when nothing is due)."""
     now = now or clock.utcnow()
-    repo.serialize_confirm_planning(session)
+    confirm_repo.serialize_confirm_planning(session)
     # Cases nobody can decide any more cost no request: closed before the due ones are taken.
     close_cases_of_removed_checks(session, checks_from_settings(settings), now=now)
-    accounts = repo.due_confirm_accounts(
+    accounts = confirm_repo.due_confirm_accounts(
         session,
         now=now,
         retry_after=now - dt.timedelta(seconds=CONFIRM_RETRY_S),
         limit=CONFIRM_PASS_LIMIT,
     )
-    return _claimed_run(session, settings, "confirm", "confirm-pass", accounts, size=size, now=now)
+    return _claimed_run(
+        session, settings, RunKind.CONFIRM, "confirm-pass", accounts, size=size, now=now
+    )
 
 
 def _claimed_run(
@@ -232,7 +238,7 @@ def _claimed_run(
 
 
 def last_confirm_due(session: Session, *, until: dt.datetime) -> dt.datetime | None:
-    return repo.last_confirm_due(session, until=until)
+    return confirm_repo.last_confirm_due(session, until=until)
 
 
 # -- the ledger scan ----------------------------------------------------------------------------
@@ -288,12 +294,14 @@ def scan_ledger(
     """
     now = now or clock.utcnow()
     # The first scan ever starts at the ledger's end: history is the nightly run's job.
-    low = repo.lock_cursor(session, LEDGER_CURSOR, initial=repo.max_ledger_id(session), now=now)
+    low = scan_repo.lock_cursor(
+        session, LEDGER_CURSOR, initial=scan_repo.max_ledger_id(session), now=now
+    )
     if low is None:
         return ScanResult([], state or ScanState(0), busy=True)
     if state is None or state.high < low:
         state = ScanState(low)
-    rows = repo.ledger_rows_after(
+    rows = scan_repo.ledger_rows_after(
         session, high=state.high, gaps=[(a, b) for a, b, _ in state.gaps], limit=limit
     )
     seen = [i for i, _, _ in rows]
@@ -305,7 +313,7 @@ def scan_ledger(
     gaps = [g for g in gaps if g[2] >= fresh][-MAX_GAPS:]
     low_water = min(g[0] for g in gaps) - 1 if gaps else high
     if low_water != low:
-        repo.set_cursor(session, LEDGER_CURSOR, low_water, now=now)
+        scan_repo.set_cursor(session, LEDGER_CURSOR, low_water, now=now)
     accounts = list(dict.fromkeys((openid, zone_id) for _, openid, zone_id in rows))
     if accounts:
         log.info("ledger_scanned", extra={"rows": len(rows), "accounts": len(accounts)})

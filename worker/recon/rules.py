@@ -19,7 +19,6 @@ __all__ = [
     "Check",
     "Difference",
     "checks_from_settings",
-    "compare",
     "evaluate",
     "parse_checks",
 ]
@@ -50,13 +49,6 @@ def evaluate(
         Difference(c.name, int(midas_values[c.midas_field]), c.ledger_value(ledger_sums))
         for c in checks
     ]
-
-
-def compare(
-    midas_values: Mapping[str, int], ledger_sums: Mapping[str, int], checks: Iterable[Check]
-) -> list[Difference]:
-    """The checks whose two sides differ (by even one coin)."""
-    return [d for d in evaluate(midas_values, ledger_sums, checks) if not d.agrees]
 
 
 def checks_from_settings(settings: Settings) -> tuple[Check, ...]:

@@ -56,6 +56,7 @@ from worker.recon.fetch import (
     fetch_all,
 )
 from worker.recon.rules import Check, checks_from_settings
+from worker.vocabulary import RunKind, RunStatus
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -195,7 +196,7 @@ def start_nightly(
             log.info("run_resumed", extra={"run_id": existing, "previous_reason": resumed})
     run = _require(session, existing)
     counts = repo.item_counts(session, existing)
-    blocked = tuple(busy) if run.status == "failed" else ()
+    blocked = tuple(busy) if run.status == RunStatus.FAILED else ()
     return StartResult(
         existing, day, False, run.status, counts.planned, resumed, waiting_for=blocked
     )
@@ -212,12 +213,12 @@ def take_the_night(
     repo.serialize_nightly_planning(session)
     closed: list[int] = []
     for other, status in cov_repo.other_open_nightlies(session, run_id):
-        if status == "planning":
+        if status == RunStatus.PLANNING:
             # Another night waiting to plan: this later start takes its place.
             repo.close_run(
                 session,
                 other,
-                status="incomplete",
+                status=RunStatus.INCOMPLETE,
                 counts=repo.ItemCounts(),
                 now=now,
                 reason=f"superseded by nightly run #{run_id} before it could plan",
@@ -235,7 +236,9 @@ def take_the_night(
         )
         finalize(session, other, now=now)
         closed.append(other)
-    waiting = [i for i, s in cov_repo.other_open_nightlies(session, run_id) if s == "running"]
+    waiting = [
+        i for i, s in cov_repo.other_open_nightlies(session, run_id) if s == RunStatus.RUNNING
+    ]
     if waiting:
         log.info("run_waiting", extra={"run_id": run_id, "waiting_for": waiting})
         return closed, waiting
@@ -299,11 +302,11 @@ def pump(
     if run is None:
         raise LookupError(f"no run {run_id}")
     result = PumpResult(run_id, run.kind, run.status)
-    if run.status == "planning" and run.kind == "nightly" and settings is not None:
+    if run.status == RunStatus.PLANNING and run.kind == RunKind.NIGHTLY and settings is not None:
         _, result.waiting_for = take_the_night(session, settings, run_id, run.business_date, now)
         run = _require(session, run_id)
         result.status = run.status
-    if run.status != "running":
+    if run.status != RunStatus.RUNNING:
         return result
     result.taken_back = taken = take_back_dead_claims(
         session, run_id, is_alive=is_alive, stale_after_s=stale_after_s, now=now
@@ -332,9 +335,11 @@ def pump(
     if not result.has_open:
         closed = finalize(session, run_id, now=now)
         result.status = closed.status if closed else result.status
-        if run.kind == "nightly" and result.status != "running":
+        if run.kind == RunKind.NIGHTLY and result.status != RunStatus.RUNNING:
             result.wake = [
-                i for i, s in cov_repo.other_open_nightlies(session, run_id) if s == "planning"
+                i
+                for i, s in cov_repo.other_open_nightlies(session, run_id)
+                if s == RunStatus.PLANNING
             ]
     return result
 
@@ -369,14 +374,16 @@ def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -
     """
     now = now or clock.utcnow()
     run = repo.get_run(session, run_id, lock=True)
-    if run is None or run.status != "running":
+    if run is None or run.status != RunStatus.RUNNING:
         return run
     counts = repo.item_counts(session, run_id)
     if counts.open:
         return run
-    status = "complete" if counts.error == 0 and counts.deferred == 0 else "incomplete"
+    status = (
+        RunStatus.COMPLETE if counts.error == 0 and counts.deferred == 0 else RunStatus.INCOMPLETE
+    )
     repo.close_run(session, run_id, status=status, counts=counts, now=now)
-    if run.kind == "nightly":
+    if run.kind == RunKind.NIGHTLY:
         coverage.close_coverage(session, run_id, run.coverage, now)
     session.refresh(run)
     log.info(
@@ -400,11 +407,16 @@ def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -
 def fail_run(session: Session, run_id: int, reason: str, *, now: dt.datetime | None = None) -> None:
     """Stop a run as failed (every further call would fail too); its plan stays for a resume."""
     run = repo.get_run(session, run_id, lock=True)
-    if run is None or run.status != "running":
+    if run is None or run.status != RunStatus.RUNNING:
         return
     counts = repo.item_counts(session, run_id)
     repo.close_run(
-        session, run_id, status="failed", counts=counts, now=now or clock.utcnow(), reason=reason
+        session,
+        run_id,
+        status=RunStatus.FAILED,
+        counts=counts,
+        now=now or clock.utcnow(),
+        reason=reason,
     )
     log.error("run_failed", extra={"run_id": run_id, "reason": reason})
 
@@ -706,7 +718,7 @@ def drive(
                 stale_after_s=EMBEDDED_STALE_S,
                 settings=deps.settings,
             )
-        if pumped.status == "planning" and pumped.waiting_for:
+        if pumped.status == RunStatus.PLANNING and pumped.waiting_for:
             # Waiting for the night before: nobody else pumps it in this mode (its claims
             # are a crashed attempt's, taken back once stale, and then it closes).
             for earlier in pumped.waiting_for:
@@ -720,7 +732,7 @@ def drive(
                     )
             time.sleep(poll_s)
             continue
-        if pumped.status != "running":
+        if pumped.status != RunStatus.RUNNING:
             if progress is not None:
                 with db() as session:
                     progress(read_progress(session, run_id))

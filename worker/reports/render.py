@@ -20,6 +20,7 @@ from worker.reports.statement import (
     as_dict,
 )
 from worker.text import spreadsheet_cell
+from worker.vocabulary import RunStatus
 
 FORMATS = ("table", "csv", "json", "html")
 
@@ -156,7 +157,7 @@ def header_lines(statement: Statement) -> list[str]:
         lines.append(f"Opening side: {run_line(s.previous_run)}")
     if s.zone_filter is not None:
         lines.append(f"Zone {s.zone_filter} only")
-    if s.run.status != "complete":
+    if s.run.status != RunStatus.COMPLETE:
         lines.append(
             f"The run is {s.run.status}: {s.run.error} accounts got no answer (error) and are "
             "left out of the totals"

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from sqlalchemy import text
-
 from worker.config import Settings
-from worker.db.session import session_scope
+from worker.db.session import after_commit, ping, session_scope
+from worker.recon.batches import Batch
 from worker.recon.rechecks import RecheckRejected, plan_recheck, validate_recheck
+from worker.vocabulary import RunKind
 
 log = logging.getLogger(__name__)
 
@@ -50,23 +50,29 @@ class Actions:
             raise ActionRefused(str(exc)) from None
         with session_scope(self.settings.DATABASE_URL) as session:
             batch = plan_recheck(session, self.settings, request)
-        if self.settings.embedded:
-            threading.Thread(
-                target=self._fetch_inline, args=(batch,), name="console-recheck", daemon=True
-            ).start()
-        else:
-            from worker import tasks
-
-            try:
-                tasks.dispatch_batch(batch, "recheck")
-            except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds)
-                raise ActionRefused(
-                    f"recheck run #{batch.run_id} planned but not sent: Redis unreachable "
-                    f"({type(exc).__name__}); the sweep sends it when Redis is back"
-                ) from None
+            after_commit(session, lambda: self._fetch(batch))
         return batch.run_id
 
-    def _fetch_inline(self, batch: Any) -> None:
+    def _fetch(self, batch: Batch) -> None:
+        if self.settings.embedded:
+            threading.Thread(
+                target=self._fetch_inline,
+                args=(batch,),
+                name="console-recheck",
+                daemon=True,
+            ).start()
+            return
+        from worker import dispatch
+
+        try:
+            dispatch.send_batch(batch, RunKind.RECHECK)
+        except Exception as exc:  # noqa: BLE001  (redis and kombu raise many kinds)
+            raise ActionRefused(
+                f"recheck run #{batch.run_id} planned but not sent: Redis unreachable "
+                f"({type(exc).__name__}); the sweep sends it when Redis is back"
+            ) from None
+
+    def _fetch_inline(self, batch: Batch) -> None:
         from worker.recon.runs import FetchDeps, batch_size, drive
 
         try:
@@ -94,7 +100,10 @@ class Actions:
         if self.settings.embedded:
             out["redis"] = {"ok": None, "detail": "not used (embedded mode)"}
             out["limiter_paused_until"] = _pause_end(self._local_limiter())
-            out["workers"] = {"ok": None, "detail": "embedded mode: this process fetches"}
+            out["workers"] = {
+                "ok": None,
+                "detail": "embedded mode: this process fetches",
+            }
             return out
         out["redis"] = _check(lambda: _ping_redis(self.settings.REDIS_URL or ""))
         try:
@@ -116,12 +125,16 @@ def _check(probe: Any) -> dict[str, Any]:
         return {"ok": False, "detail": str(exc)}
     except Exception as exc:  # noqa: BLE001  (any failure means "not reachable"; no secret)
         return {"ok": False, "detail": type(exc).__name__}
-    return {"ok": True, "detail": detail, "ms": round(1000 * (time.monotonic() - started), 1)}
+    return {
+        "ok": True,
+        "detail": detail,
+        "ms": round(1000 * (time.monotonic() - started), 1),
+    }
 
 
 def _ping_database(url: str) -> str:
     with session_scope(url) as session:
-        session.execute(text("SELECT 1"))
+        ping(session)
     return "reachable"
 
 
@@ -137,9 +150,9 @@ def _ping_redis(url: str) -> str:
 
 
 def _ping_workers() -> list[str]:
-    from worker import tasks
+    from worker.celery_app import app
 
-    replies = tasks.fetch_batch.app.control.ping(timeout=PING_TIMEOUT_S) or []
+    replies = app.control.ping(timeout=PING_TIMEOUT_S) or []
     names = sorted(name for reply in replies for name in reply)
     if not names:
         raise NoWorkers(f"no worker answered a ping within {PING_TIMEOUT_S:.0f} s")

@@ -12,6 +12,7 @@ from worker.db.snapshots import VALUE_FIELDS
 from worker.fields import CASE_FIELDS, RUN_FIELDS
 from worker.recon.console import AccountHistory, CasePage
 from worker.recon.runs import RunProgress
+from worker.vocabulary import RunStatus
 
 EVENT_FIELDS = (
     "at",
@@ -77,7 +78,7 @@ class Progress:
     @classmethod
     def of(cls, run: Run, p: RunProgress, now: dt.datetime) -> Progress:
         rate = eta = None
-        if run.status == "running" and run.started_at is not None:
+        if run.status == RunStatus.RUNNING and run.started_at is not None:
             elapsed = (now - run.started_at).total_seconds()
             rate = p.done / elapsed if elapsed > 0 else None
             left = max(0, p.planned - p.done)

@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from worker import business_calendar as clock
 from worker.business_calendar import FutureDate
 from worker.db import console as queries
-from worker.db.models import OPEN_CASE_STATUSES, Run
+from worker.db.models import Run
 from worker.db.runs import get_run, recent_runs
 from worker.recon import cases as lifecycle
 from worker.recon.console import (
@@ -43,6 +43,7 @@ from worker.recon.rules import checks_from_settings
 from worker.recon.runs import read_progress
 from worker.reports import render as statement_render
 from worker.reports.statement import StatementUnavailable, build_statement, build_trend
+from worker.vocabulary import OPEN_CASE_STATUSES, RUN_KINDS, RunKind, RunStatus
 from worker.web import charts, present
 from worker.web.actions import ActionRefused
 from worker.web.context import client_address, console, csrf_token
@@ -55,7 +56,7 @@ api = Blueprint("api", __name__, url_prefix="/api")
 
 DEFAULT_PER_PAGE = 50
 FLASH_IDS = 10  # case ids or refusals named in one bulk action's message
-RUN_KINDS_SHOWN = ("nightly", "recheck", "confirm", "all")
+RUN_KINDS_SHOWN = (*RUN_KINDS, "all")
 LOGIN_REFUSED = "Wrong name or password."
 LOGIN_THROTTLED = "Too many login attempts; wait a few minutes and try again."
 
@@ -289,7 +290,7 @@ def recheck(openid: str) -> Any:
 
 def _recheck_state(db: Session, run_id: int) -> dict[str, Any] | None:
     run = get_run(db, run_id)
-    if run is None or run.kind != "recheck":
+    if run is None or run.kind != RunKind.RECHECK:
         return None
     snap = queries.snapshot_of_run(db, run_id)
     return {"run": run, "snapshot": snap}
@@ -311,7 +312,7 @@ def api_runs() -> Any:
 
 def _recent_runs() -> tuple[str, list[Run]]:
     """?kind= (nightly by default, or all) and ?limit=, newest first."""
-    kind = request.args.get("kind", "nightly")
+    kind = request.args.get("kind", RunKind.NIGHTLY.value)
     if kind not in RUN_KINDS_SHOWN:
         raise BadRequest(f"kind must be one of {', '.join(RUN_KINDS_SHOWN)}")
     limit = _int(request.args.get("limit", "50"), "limit", 1, 1000)
@@ -332,7 +333,7 @@ def api_run(run_id: int) -> Any:
     with console().db() as db:
         r, progress = _run_and_progress(db, run_id)
         out = present.run(r, progress)
-        if r.kind == "recheck":
+        if r.kind == RunKind.RECHECK:
             snap = queries.snapshot_of_run(db, run_id)
             out["answer"] = None if snap is None else present.snapshot(snap)
         return jsonify(out)
@@ -445,7 +446,7 @@ def _health() -> dict[str, Any]:
             last = queries.last_finished_nightly(db)
             running = recent_runs(db, limit=5, kind=None)
             out["last_complete_nightly"] = None if last is None else present.run(last)
-            out["running_runs"] = [present.run(r) for r in running if r.status == "running"]
+            out["running_runs"] = [present.run(r) for r in running if r.status == RunStatus.RUNNING]
     except Exception as exc:  # noqa: BLE001  (the database probe above already says why)
         out["last_complete_nightly"] = None
         out["running_runs"] = []
