@@ -16,6 +16,7 @@ from typing import Any, cast
 from sqlalchemy import CursorResult, Select, Table, case, func, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from worker.db import partitions
 from worker.db.models import (
     Account,
     BalanceSnapshot,
@@ -80,6 +81,7 @@ def insert_nightly_run(
     ON CONFLICT on the partial unique index: two beats, or beat and an operator, racing for
     the same date end with one run, and the loser does not fail.
     """
+    _ensure_partition(session, business_date)
     stmt = (
         dialect_insert(session, _runs)
         .values(
@@ -108,6 +110,7 @@ def insert_run(
     now: dt.datetime,
 ) -> int:
     """A recheck or confirm run (any number per date), running from the start."""
+    _ensure_partition(session, business_date)
     stmt = (
         _runs.insert()
         .values(
@@ -122,6 +125,12 @@ def insert_run(
         .returning(_runs.c.id)
     )
     return int(session.execute(stmt).scalar_one())
+
+
+def _ensure_partition(session: Session, business_date: dt.date) -> None:
+    """The month partition the run's snapshots go to (an old date's, for a backfill)."""
+    if partitions.partitioned(session):
+        partitions.ensure_months(session, [business_date])
 
 
 def nightly_dates_after(session: Session, business_date: dt.date) -> list[dt.date]:
