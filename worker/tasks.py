@@ -462,3 +462,15 @@ def check_alerts() -> None:
         alerts.refresh_gauges(session, rt.settings, pauses_last_hour=pauses)
     for alert_id in [*new, *again]:
         send_alert.apply_async(args=(alert_id,))
+
+
+@project_task("ensure_partitions")
+def ensure_partitions() -> None:
+    """Make the month partitions of balance_snapshots for this month and the next two."""
+    from worker.recon.retention import ensure_ahead
+
+    settings = get_settings()
+    with session_scope(settings.DATABASE_URL) as session:
+        created = ensure_ahead(session, settings.calendar.today(clock.utcnow()))
+    if created:
+        log.info("partitions_created", extra={"partitions": ",".join(created)})
