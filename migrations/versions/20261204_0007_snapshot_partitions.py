@@ -21,6 +21,9 @@ Create Date: 2026-12-04
   definitions (CREATE OR REPLACE: grants given to BI users stay). SQLite cannot rebuild a
   table under a view, so there every view is dropped and recreated as it was.
 
+On Postgres the upgrade copies the whole table in one transaction, holding it locked: stop the
+workers for it (docs/operations.md); it takes about as long as a copy of the table.
+
 Downgrade puts back the plain table with every row and id, and the foreign key. It refuses,
 changing nothing, when an event points at a snapshot `db retention` dropped: the key could not
 hold, and unlinking the events would silently lose where their numbers came from.

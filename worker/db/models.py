@@ -81,8 +81,7 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
 def _sqlite_primary_key(constraint: PrimaryKeyConstraint, compiler: Any, **kw: Any) -> str:
     """The primary key without the partition key on SQLite, which has no partitions: only a
     lone INTEGER PRIMARY KEY auto-increments there (`balance_snapshots.id`)."""
-    partition_key = {"business_date"} if constraint.table.name == "balance_snapshots" else set()
-    names = [c.name for c in constraint.columns if c.name not in partition_key]
+    names = [c.name for c in constraint.columns if not c.info.get("partition_key")]
     text = f"PRIMARY KEY ({', '.join(compiler.preparer.quote(n) for n in names)})"
     if constraint.name is not None:
         text = f"CONSTRAINT {compiler.preparer.format_constraint(constraint)} {text}"
@@ -272,7 +271,7 @@ class BalanceSnapshot(Base):
     id: Mapped[int] = mapped_column(BigId, server_default=FetchedValue())
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
     # The business date of the run (copied at insert): the month partition the row lives in.
-    business_date: Mapped[dt.date] = mapped_column(Date)
+    business_date: Mapped[dt.date] = mapped_column(Date, info={"partition_key": True})
     openid: Mapped[str] = mapped_column(String(128))
     zone_id: Mapped[str] = mapped_column(String(64))
     fetched_at: Mapped[dt.datetime]
