@@ -162,7 +162,11 @@ def table_sizes(url: str) -> dict[str, tuple[int, int]]:
         for name in list(names):
             rows = conn.execute(text(f'SELECT count(*) FROM "{name}"')).scalar_one()
             size = conn.execute(
-                text("SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree(:t)"),
+                # pg_partition_tree lists nothing for a plain table: then the table itself.
+                text(
+                    "SELECT coalesce((SELECT sum(pg_total_relation_size(relid))"
+                    " FROM pg_partition_tree(:t)), pg_total_relation_size(:t))"
+                ),
                 {"t": name},
             ).scalar_one()
             out[name] = (int(rows), int(size))

@@ -518,6 +518,7 @@ def run_batch(
                 settle_seconds=deps.settle_seconds,
                 skew=deps.skew,
                 now=clock.utcnow(),
+                business_date=business_date,
             )
             repo.add_mismatches_opened(session, run_id, reconciled.opened)
             if reconciled.confirm_due:
