@@ -18,7 +18,7 @@ from worker.db import migrate
 from worker.db import runs as repo
 from worker.db.models import MismatchCase, MismatchEvent
 from worker.db.session import make_engine, session_scope
-from worker.db.snapshots import SnapshotRow, insert_snapshots
+from worker.db.snapshots import VALUE_FIELDS, SnapshotRow, insert_snapshots
 
 pytestmark = pytest.mark.integration
 
@@ -228,3 +228,32 @@ def test_help_gives_the_exit_codes(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["db", "retention", "--help"])
     assert result.exit_code == 0
     assert "Exit codes: 0 dropped" in " ".join(result.stdout.split())
+
+
+def test_a_batch_reads_its_snapshots_in_its_runs_month_only(url: str) -> None:
+    from worker.db.cases import current_ok_snapshots
+
+    day = dt.date(2026, 11, 20)
+    values = tuple((name, 1) for name in VALUE_FIELDS)
+    with session_scope(url) as session:
+        run_id = repo.insert_run(
+            session, kind="recheck", business_date=day, trigger="test", api_version="v1", now=NOW
+        )
+        at = dt.datetime(2026, 11, 20, 3, tzinfo=dt.UTC)
+        stored = insert_snapshots(
+            session, run_id, day, [SnapshotRow("d", "1", at, "ok", "v1", values=values)]
+        )
+        ids = [s.id for s in stored]
+        assert [s.id for s in current_ok_snapshots(session, ids, day)] == ids
+        # Another month's date: the lookup reads that month's partition only, and finds nothing.
+        assert current_ok_snapshots(session, ids, dt.date(2026, 12, 1)) == []
+        plan = "\n".join(
+            session.execute(
+                text(
+                    "EXPLAIN SELECT id FROM balance_snapshots"
+                    " WHERE id = :id AND business_date = :day"
+                ),
+                {"id": ids[0], "day": day},
+            ).scalars()
+        )
+        assert "balance_snapshots_2026_11" in plan and "balance_snapshots_2026_12" not in plan
