@@ -148,16 +148,27 @@ def redis_db_bytes(client: redis.Redis) -> int:
 
 
 def table_sizes(url: str) -> dict[str, tuple[int, int]]:
-    """(rows, bytes incl. indexes and TOAST) of every table of the schema."""
+    """(rows, bytes incl. indexes and TOAST) of every table of the schema; a partitioned
+    table (balance_snapshots) counts its partitions, which are not listed on their own."""
     engine = create_engine(url)
     out: dict[str, tuple[int, int]] = {}
     with engine.connect() as conn:
         names = conn.execute(
-            text("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+            text(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+                " AND relkind IN ('r', 'p') AND NOT relispartition"
+            )
         ).scalars()
         for name in list(names):
             rows = conn.execute(text(f'SELECT count(*) FROM "{name}"')).scalar_one()
-            size = conn.execute(text("SELECT pg_total_relation_size(:t)"), {"t": name}).scalar_one()
+            size = conn.execute(
+                # pg_partition_tree lists nothing for a plain table: then the table itself.
+                text(
+                    "SELECT coalesce((SELECT sum(pg_total_relation_size(relid))"
+                    " FROM pg_partition_tree(:t)), pg_total_relation_size(:t))"
+                ),
+                {"t": name},
+            ).scalar_one()
             out[name] = (int(rows), int(size))
     engine.dispose()
     return out

@@ -12,6 +12,7 @@ the median (p95 beside it) of the whole request as a client sees it.
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 import statistics
 import threading
@@ -46,17 +47,17 @@ FROM generate_series(CAST(:last_night AS date) - (:nights - 1), CAST(:last_night
                      interval '1 day') AS d;
 
 -- The latest night: every account observed once.
-INSERT INTO balance_snapshots (run_id, openid, zone_id, fetched_at, status, balance,
-    gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version)
-SELECT (SELECT max(id) FROM runs), 'b' || lpad(i::text, 8, '0'), '1',
+INSERT INTO balance_snapshots (run_id, business_date, openid, zone_id, fetched_at, status,
+    balance, gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version)
+SELECT (SELECT max(id) FROM runs), CAST(:last_night AS date), 'b' || lpad(i::text, 8, '0'), '1',
        CAST(:last_night AS timestamptz) + interval '18 hours 31 minutes', 'ok',
        i % 5000, 0, i % 7000, i % 7000, i % 2000, 0, false, 'v2'
 FROM generate_series(1 + :history, :accounts) AS i;
 
 -- A year of nights for the first HISTORY_ACCOUNTS accounts (the measured one among them).
-INSERT INTO balance_snapshots (run_id, openid, zone_id, fetched_at, status, balance,
-    gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version)
-SELECT r.id, 'b' || lpad(i::text, 8, '0'), '1',
+INSERT INTO balance_snapshots (run_id, business_date, openid, zone_id, fetched_at, status,
+    balance, gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version)
+SELECT r.id, r.business_date, 'b' || lpad(i::text, 8, '0'), '1',
        r.business_date + interval '18 hours 31 minutes', 'ok',
        300 * n - 120 * n + 10 * n, 10 * n, 300 * n, 300 * n, 120 * n, 10 * n,
        false, 'v2'
@@ -98,9 +99,18 @@ FROM mismatch_cases;
 
 
 def _seed(url: str, accounts: int, cases: int, nights: int, history: int) -> None:
+    from worker.db.partitions import add_months, ensure_months, month_of
+
+    # The runs are written directly, not created: their months' partitions are made here.
+    last_night = dt.date.fromisoformat(LAST_NIGHT)
+    months, month = [], month_of(last_night - dt.timedelta(days=nights - 1))
+    while month <= last_night:
+        months.append(month)
+        month = add_months(month, 1)
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
+        ensure_months(conn, months)
         for statement in SEED.split(";\n"):
             if statement.strip():
                 conn.execute(

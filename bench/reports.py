@@ -40,6 +40,7 @@ def main(accounts: int, out: Path | None = None) -> dict[str, Any]:
 
     from tests.reports.test_report_speed import LAST, SEED
     from worker.cli.base import cli
+    from worker.db.partitions import ensure_months
 
     _check_disk(accounts)
     with database() as url:
@@ -50,6 +51,10 @@ def main(accounts: int, out: Path | None = None) -> dict[str, Any]:
             for statement in SEED.split(";\n"):
                 if statement.strip():
                     conn.execute(text(statement), {"n": accounts})
+                if "INSERT INTO runs" in statement:
+                    # Runs written directly, not created: their months' partitions are made here.
+                    dates = conn.execute(text("SELECT DISTINCT business_date FROM runs"))
+                    ensure_months(conn, dates.scalars())
         engine.dispose()
         vacuum_analyze(url)
         seeded = time.monotonic() - seeding

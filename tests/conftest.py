@@ -4,6 +4,7 @@ the migrations) and a real Redis. Unreachable services fail the run loudly; noth
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import uuid
 from collections.abc import Iterator
@@ -49,6 +50,22 @@ def throwaway_database(prefix: str) -> Iterator[str]:
         admin.dispose()
 
 
+def snapshot_months(url: str, first: dt.date, last: dt.date) -> None:
+    """The month partitions of balance_snapshots from `first` to `last`: tests that write
+    runs and snapshots directly skip run creation, which makes the month's partition."""
+    from worker.db.partitions import add_months, ensure_months
+    from worker.db.session import make_engine
+
+    months, month = [], first
+    while month <= last:
+        months.append(month)
+        month = add_months(month, 1)
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        ensure_months(conn, months)
+    engine.dispose()
+
+
 @pytest.fixture(scope="session")
 def pg_url() -> Iterator[str]:
     """A fresh database for this test session, at the head migration."""
@@ -57,6 +74,7 @@ def pg_url() -> Iterator[str]:
 
     with throwaway_database("midas_recon_test") as url:
         upgrade(url)
+        snapshot_months(url, dt.date(2026, 1, 1), dt.date(2027, 12, 1))
         yield url
         engine_for(url).dispose()
         engine_for.cache_clear()

@@ -29,7 +29,7 @@ import logging
 import ssl
 import sys
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import time, timedelta
 from typing import Any, Final, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -64,6 +64,7 @@ TASK_QUEUES: Final[dict[str, str]] = {
     "midas_recon.confirm_pass": RECHECK_QUEUE,
     "midas_recon.send_alert": ALERTS_QUEUE,
     "midas_recon.check_alerts": ALERTS_QUEUE,
+    "midas_recon.ensure_partitions": RECHECK_QUEUE,
 }
 
 # -- time budgets (seconds) -------------------------------------------------------------------
@@ -109,6 +110,10 @@ LEDGER_SCAN_EVERY_S: Final = 30.0
 CONFIRM_PASS_EVERY_S: Final = 30.0
 # Alerts read what runs left in Postgres: a minute late at most.
 ALERT_CHECK_EVERY_S: Final = 60.0
+# The snapshot partitions of this month and the next two, made once a day at this local time:
+# creating one locks the snapshots table for a moment, so not while a night stores them.
+PARTITIONS_AT: Final = time(12, 17)
+PARTITIONS_EXPIRES_S: Final = 12 * 3600
 # A nightly start queued while every worker was down still counts hours later.
 NIGHTLY_START_EXPIRES_S: Final = 12 * 3600
 
@@ -175,6 +180,15 @@ def beat_schedule(settings: Settings, app: Celery) -> dict[str, dict[str, Any]]:
             "task": "midas_recon.check_alerts",
             "schedule": timedelta(seconds=ALERT_CHECK_EVERY_S),
             "options": {"expires": ALERT_CHECK_EVERY_S},
+        },
+        # Monthly partitions of balance_snapshots, made ahead (worker.recon.retention); run
+        # creation makes its own month's too, so a day missed here costs nothing.
+        "snapshot-partitions": {
+            "task": "midas_recon.ensure_partitions",
+            "schedule": crontab(
+                minute=str(PARTITIONS_AT.minute), hour=str(PARTITIONS_AT.hour), app=app
+            ),
+            "options": {"expires": PARTITIONS_EXPIRES_S},
         },
     }
 

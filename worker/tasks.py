@@ -292,3 +292,15 @@ def check_alerts() -> None:
         again = alerts.stalled(session, rt.settings, now)
         alerts.refresh_gauges(session, rt.settings, pauses_last_hour=pauses)
         after_commit(session, lambda: dispatch.send_alerts([*new, *again]))
+
+
+@project_task("ensure_partitions")
+def ensure_partitions() -> None:
+    """Make the month partitions of balance_snapshots for this month and the next two."""
+    from worker.recon.retention import ensure_ahead
+
+    settings = get_settings()
+    with session_scope(settings.DATABASE_URL) as session:
+        created = ensure_ahead(session, settings.calendar.today(clock.utcnow()))
+    if created:
+        log.info("partitions_created", extra={"partitions": ",".join(created)})

@@ -16,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from worker.db import migrate
 from worker.db import runs as repo
 from worker.db.models import Account, Base, MismatchCase, Run
+from worker.db.partitions import month_of_partition
 from worker.db.session import make_engine, session_scope
 
 pytestmark = pytest.mark.integration
@@ -24,9 +25,11 @@ TABLES = {t.name for t in Base.metadata.sorted_tables}
 
 
 def tables(url: str) -> set[str]:
+    """The tables, without the month partitions of balance_snapshots (data, not schema)."""
     engine = make_engine(url)
     try:
-        return set(inspect(engine).get_table_names()) - {"alembic_version"}
+        found = set(inspect(engine).get_table_names()) - {"alembic_version"}
+        return {name for name in found if month_of_partition(name) is None}
     finally:
         engine.dispose()
 
@@ -104,6 +107,7 @@ def _clauses(sql: str) -> list[str]:
     """A CREATE statement's clauses, split at the commas outside parentheses: SQLite's ADD
     COLUMN appends a column to the stored text on the last line, not on a line of its own."""
     head, _, body = sql.partition("(")
+    head = head.replace('"', "")  # a table rebuilt by Alembic's batch mode has a quoted name
     body = body.rstrip().removesuffix(")")
     parts, depth, current = [head.strip()], 0, ""
     for char in body:
@@ -151,8 +155,13 @@ def _pg_catalog(url: str) -> dict[str, set[tuple[object, ...]]]:
             out = {}
             for what, sql in _PG_CATALOG.items():
                 rows = conn.execute(text(sql)).all()
-                # The views of later migrations are not models; alembic_version is Alembic's.
-                out[what] = {tuple(row) for row in rows if "alembic_version" not in str(row)}
+                # The views of later migrations are not models; alembic_version is Alembic's;
+                # the month partitions are made at run time (worker/db/partitions.py).
+                out[what] = {
+                    tuple(row)
+                    for row in rows
+                    if "alembic_version" not in str(row) and month_of_partition(row[0]) is None
+                }
             return out
     finally:
         engine.dispose()
@@ -366,6 +375,190 @@ def test_the_claims_in_flight_at_the_upgrade_are_copied_into_run_claims(
         with engine.connect() as conn:
             assert conn.execute(text("SELECT COUNT(*) FROM run_items")).scalar() == 6
         migrate.upgrade(url)
+        migrate.check(url)
+    finally:
+        engine.dispose()
+
+
+# -- 20261204_0009: balance_snapshots partitioned by month on Postgres
+
+PARTITION_SEED = [
+    "INSERT INTO runs (id, business_date, kind, trigger, status, api_version, created_at)"
+    " VALUES (1, '2026-09-30', 'nightly', 'beat', 'complete', 'v1', '2026-09-30 18:30:00+00'),"
+    " (2, '2026-10-01', 'nightly', 'beat', 'complete', 'v1', '2026-10-01 18:30:00+00'),"
+    " (3, '2026-10-01', 'recheck', 'payment', 'complete', 'v1', '2026-10-01 20:00:00+00'),"
+    " (4, '2026-11-30', 'nightly', 'beat', 'complete', 'v1', '2026-11-30 18:30:00+00')",
+    "INSERT INTO balance_snapshots (id, run_id, openid, zone_id, fetched_at, status, balance,"
+    " gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version) VALUES"
+    " (1, 1, 'a', '1', '2026-09-30 18:30:00+00', 'ok', 5, 0, 5, 5, 0, 0, true, 'v1'),"
+    " (2, 1, 'b', '1', '2026-09-30 18:31:00+00', 'ok', 7, 1, 6, 6, 0, 1, false, 'v1'),"
+    " (3, 2, 'a', '1', '2026-10-01 18:30:00+00', 'ok', 9, 0, 9, 9, 0, 0, true, 'v1'),"
+    " (5, 3, 'a', '1', '2026-10-01 20:00:00+00', 'ok', 8, 0, 9, 9, 1, 0, true, 'v1'),"
+    " (8, 4, 'a', '1', '2026-11-30 18:30:00+00', 'ok', 8, 0, 9, 9, 1, 0, true, 'v1')",
+    "INSERT INTO balance_snapshots (id, run_id, openid, zone_id, fetched_at, status, api_version,"
+    " errcode, errmsg) VALUES (4, 2, 'b', '1', '2026-10-01 18:31:00+00', 'unobservable', 'v1',"
+    " 90016, 'session expired'), (9, 4, 'b', '1', '2026-11-30 18:31:00+00', 'error', 'v1',"
+    " NULL, 'timeout')",
+    'INSERT INTO mismatch_cases (id, openid, zone_id, "check", status, midas_value,'
+    " ledger_value, delta, first_seen_at, last_seen_at, opened_run_id) VALUES"
+    " (1, 'a', '1', 'balance', 'confirmed', 9, 8, 1, '2026-10-01 18:30:00+00',"
+    " '2026-10-01 20:00:00+00', 2)",
+    "INSERT INTO mismatch_events (id, case_id, at, actor, from_status, to_status, midas_value,"
+    " ledger_value, snapshot_id, run_id) VALUES"
+    " (1, 1, '2026-10-01 18:30:00+00', 'system', NULL, 'suspected', 9, 8, 3, 2),"
+    " (2, 1, '2026-10-01 20:00:00+00', 'system', 'suspected', 'confirmed', 8, 7, 5, 3)",
+]
+SNAPSHOT_COLUMNS = (
+    "id, run_id, openid, zone_id, fetched_at, status, errcode, errmsg, balance, gen_balance,"
+    " save_amt, save_sum, cost_sum, present_sum, first_save, api_version"
+)
+# What BI reads: every view that reads balance_snapshots, whole.
+VIEW_READS = [
+    "SELECT * FROM v_daily_run_totals ORDER BY run_id, zone_id",
+    "SELECT * FROM v_account_movement ORDER BY run_id, openid",
+    "SELECT * FROM v_run_movement ORDER BY run_id, zone_id",
+]
+
+
+def _snapshot_state(engine: Engine) -> tuple[list[Any], list[Any], list[Any]]:
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(f"SELECT {SNAPSHOT_COLUMNS} FROM balance_snapshots ORDER BY id")  # noqa: S608
+        ).all()
+        events = conn.execute(text("SELECT * FROM mismatch_events ORDER BY id")).all()
+        views = [conn.execute(text(sql)).all() for sql in VIEW_READS]
+    return rows, events, views
+
+
+def _pg_partitions(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        names = conn.execute(
+            text(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = 'balance_snapshots'::regclass"
+            )
+        ).scalars()
+        return {
+            n: conn.execute(text(f"SELECT count(*) FROM {n}")).scalar_one()  # noqa: S608
+            for n in list(names)
+        }
+
+
+@pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
+def test_partitioning_and_back_keeps_every_snapshot_id_and_view(
+    dialect: str, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import business_calendar
+
+    monkeypatch.setattr(
+        business_calendar, "utcnow", lambda: dt.datetime(2026, 12, 4, 9, 0, tzinfo=dt.UTC)
+    )
+    url = (
+        str(request.getfixturevalue("scratch_pg_url"))
+        if dialect == "postgres"
+        else f"sqlite:///{tmp_path / 'partitions.db'}"
+    )
+    migrate.upgrade(url, "20261204_0008")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for sql in PARTITION_SEED:
+                if dialect == "sqlite":
+                    sql = sql.replace("true", "1").replace("false", "0")
+                conn.execute(text(sql))
+            if dialect == "postgres":  # ids were given: move the sequence past them
+                conn.execute(text("SELECT setval('balance_snapshots_id_seq', 9)"))
+        before = _snapshot_state(engine)
+        assert len(before[0]) == 7 and len(before[2][0]) == 4  # the views see every run
+
+        migrate.upgrade(url, "20261204_0009")
+        assert _snapshot_state(engine) == before
+        with engine.connect() as conn:
+            dated = conn.execute(
+                text(
+                    "SELECT count(*) FROM balance_snapshots s JOIN runs r ON r.id = s.run_id"
+                    " WHERE s.business_date = r.business_date"
+                )
+            ).scalar_one()
+        assert dated == 7
+        if dialect == "postgres":
+            # Every month with rows, the current one (December) and the two after it.
+            assert _pg_partitions(engine) == {
+                "balance_snapshots_2026_09": 2,
+                "balance_snapshots_2026_10": 3,
+                "balance_snapshots_2026_11": 2,
+                "balance_snapshots_2026_12": 0,
+                "balance_snapshots_2027_01": 0,
+                "balance_snapshots_2027_02": 0,
+            }
+        migrate.check(url)
+        # The ids go on after the copied ones.
+        with session_scope(url) as session:
+            session.add(
+                Run(
+                    id=5,
+                    business_date=dt.date(2026, 12, 3),
+                    kind="recheck",
+                    trigger="test",
+                    api_version="v1",
+                )
+            )
+        with engine.begin() as conn:
+            new_id = conn.execute(
+                text(
+                    "INSERT INTO balance_snapshots (run_id, business_date, openid, zone_id,"
+                    " fetched_at, status, api_version) VALUES (5, '2026-12-03', 'c', '1',"
+                    " '2026-12-03 10:00:00+00', 'error', 'v1') RETURNING id"
+                )
+            ).scalar_one()
+        assert new_id == 10
+        after = _snapshot_state(engine)
+
+        migrate.downgrade(url, "20261204_0008")
+        assert _snapshot_state(engine) == after
+        with engine.connect() as conn:
+            assert "business_date" not in {
+                c["name"] for c in inspect(conn).get_columns("balance_snapshots")
+            }
+            keys = inspect(conn).get_foreign_keys("mismatch_events")
+            assert {"snapshot_id"} in [set(k["constrained_columns"]) for k in keys]
+        if dialect == "postgres":
+            with engine.begin() as conn:
+                conn.execute(text("DELETE FROM balance_snapshots WHERE id = 10"))
+                next_id = conn.execute(text("SELECT nextval('balance_snapshots_id_seq')"))
+                assert next_id.scalar_one() == 11  # the sequence came back with the table
+        migrate.upgrade(url)
+        migrate.check(url)
+    finally:
+        engine.dispose()
+
+
+def test_downgrade_refuses_when_retention_dropped_a_snapshot_an_event_points_at(
+    scratch_pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from worker import business_calendar
+
+    monkeypatch.setattr(
+        business_calendar, "utcnow", lambda: dt.datetime(2026, 12, 4, 9, 0, tzinfo=dt.UTC)
+    )
+    url = scratch_pg_url
+    migrate.upgrade(url, "20261204_0008")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for sql in PARTITION_SEED:
+                conn.execute(text(sql))
+        migrate.upgrade(url)
+        with engine.begin() as conn:  # what `db retention` does to a month
+            conn.execute(
+                text("ALTER TABLE balance_snapshots DETACH PARTITION balance_snapshots_2026_10")
+            )
+            conn.execute(text("DROP TABLE balance_snapshots_2026_10"))
+        before = _snapshot_state(engine)
+        with pytest.raises(RuntimeError, match="2 case events point at snapshots"):
+            migrate.downgrade(url, "20261204_0008")
+        assert migrate.current(url) == migrate.head()
+        assert _snapshot_state(engine) == before
         migrate.check(url)
     finally:
         engine.dispose()

@@ -38,6 +38,7 @@ INTERFACE = {
     "midas_recon.confirm_pass": [],
     "midas_recon.send_alert": ["alert_id"],
     "midas_recon.check_alerts": [],
+    "midas_recon.ensure_partitions": [],
 }
 
 
@@ -138,6 +139,7 @@ def test_beat_schedule_follows_the_settings() -> None:
         "ledger-scan",
         "confirm-pass",
         "alerts-check",
+        "snapshot-partitions",
     }
     for entry in schedule.values():
         assert entry["task"] in INTERFACE
@@ -161,6 +163,10 @@ def test_beat_schedule_follows_the_settings() -> None:
     ):
         assert schedule[name]["schedule"] == dt.timedelta(seconds=every)
         assert every <= 60
+    # Daily at midday local time, away from the night that writes snapshots.
+    partitions = schedule["snapshot-partitions"]["schedule"]
+    assert isinstance(partitions, crontab) and str(partitions.tz) == "America/New_York"
+    assert partitions.hour == {12} and partitions.minute == {17}
 
 
 def test_module_app_uses_the_default_nightly_time() -> None:

@@ -102,6 +102,7 @@ class Books:
             values = {**counters, "first_save": counters["save_sum"] > 0}
         snap = BalanceSnapshot(
             run_id=run.id,
+            business_date=run.business_date,
             openid=openid,
             zone_id=zone_id,
             fetched_at=at,

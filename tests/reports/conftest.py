@@ -225,6 +225,7 @@ def _snapshots(
         session.add(
             BalanceSnapshot(
                 run_id=run.id,
+                business_date=run.business_date,
                 openid=openid,
                 zone_id=ZONE[openid],
                 fetched_at=times[openid],

@@ -32,9 +32,11 @@ SELECT DATE '2026-10-22' + d, 'nightly', 'beat', 'complete', 'v1', :n, :n,
 FROM generate_series(0, 29) d;
 
 -- In run order, as a run writes them; one account in 50 unobservable.
-INSERT INTO balance_snapshots (run_id, openid, zone_id, fetched_at, status, errcode, balance,
-    gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save, api_version)
-SELECT r.id, 'o' || a, (1 + a % 4)::text, r.started_at + (a % 600) * INTERVAL '1 second',
+INSERT INTO balance_snapshots (run_id, business_date, openid, zone_id, fetched_at, status,
+    errcode, balance, gen_balance, save_amt, save_sum, cost_sum, present_sum, first_save,
+    api_version)
+SELECT r.id, r.business_date, 'o' || a, (1 + a % 4)::text,
+       r.started_at + (a % 600) * INTERVAL '1 second',
        CASE WHEN a % 50 = 0 THEN 'unobservable' ELSE 'ok' END,
        CASE WHEN a % 50 = 0 THEN 90016 END,
        CASE WHEN a % 50 <> 0 THEN 1000 + a % 97 + (r.business_date - DATE '2026-10-22') * 10 END,

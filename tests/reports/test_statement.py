@@ -103,6 +103,7 @@ def test_a_zone_with_no_observed_account_has_unknown_totals(
         session.add(
             BalanceSnapshot(
                 run_id=ids["r2"],
+                business_date=D,
                 openid="c1",
                 zone_id="3",
                 fetched_at=dt.datetime.now(dt.UTC),

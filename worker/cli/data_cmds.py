@@ -1,4 +1,4 @@
-"""`db upgrade|check`, `accounts import|rekey`, `ledger import`: the schema and the game's data.
+"""`db upgrade|check|retention`, `accounts import|rekey`, `ledger import`: schema and data.
 
 Imports are one transaction per file: a bad row rejects the whole file (exit 2) with its row
 number and reason, and nothing is stored.
@@ -39,7 +39,7 @@ def _input_file(path: Path) -> Path:
 
 @cli.group("db")
 def db_group() -> None:
-    """The database schema (DATABASE_URL): apply and check the Alembic migrations."""
+    """The database (DATABASE_URL): apply and check the migrations, drop old snapshot months."""
 
 
 @db_group.command("upgrade")
@@ -83,6 +83,77 @@ def db_check() -> None:
         except SchemaMismatch as exc:
             raise JobFailed(str(exc)) from None
     click.echo(f"database {_where(url)} matches the models")
+
+
+@db_group.command("retention")
+@click.option(
+    "--keep-months",
+    type=int,
+    required=True,
+    help="Months of snapshots to keep: the current one and the N-1 before it (at least 2).",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be dropped; drop nothing.")
+@click.option("--yes", is_flag=True, help="Drop without asking for confirmation.")
+@handle_errors
+def db_retention(keep_months: int, dry_run: bool, yes: bool) -> None:
+    """Drop the monthly partitions of balance_snapshots older than --keep-months (Postgres).
+
+    Lists each partition it would drop with its month and row count, then asks (unless --yes)
+    and detaches and drops each one. Export the statements of those months first: their
+    snapshots are gone for good (docs/finance.md). A month holding a snapshot that an event of
+    a still open case points at is refused, and then nothing is dropped.
+
+    Exit codes: 0 dropped what was listed (or nothing to drop, or --dry-run); 1 not
+    confirmed, nothing dropped; 2 refused (an open case needs an old month, --keep-months
+    below 2, a SQLite database), nothing dropped.
+    """
+    from worker import business_calendar as clock
+    from worker.db.session import session_scope
+    from worker.recon.retention import RetentionRefused, apply_retention, plan_retention
+
+    cfg = settings()
+    today = cfg.calendar.today(clock.utcnow())
+    with database_errors():
+        try:
+            with session_scope(cfg.DATABASE_URL) as session:
+                plan = plan_retention(session, today, keep_months)
+        except RetentionRefused as exc:
+            raise UsageError(str(exc)) from None
+        click.echo(
+            f"keeping {plan.first_kept:%Y-%m} and later (--keep-months {keep_months},"
+            f" business date {today})"
+        )
+        if not plan.drop:
+            click.echo("no partition older than that; nothing to drop")
+            return
+        verb = "would drop" if dry_run or plan.blocked else "to drop"
+        click.echo(f"{verb} {len(plan.drop)} partition(s):")
+        for p in plan.drop:
+            click.echo(f"  {p.name}  {p.month:%Y-%m}  {p.rows} snapshots")
+        if plan.blocked:
+            held = "; ".join(
+                f"{b.partition.name} holds {b.referenced} snapshot(s) events of open cases point at"
+                for b in plan.blocked
+            )
+            raise UsageError(
+                f"refused: {held}. Resolve those cases, or keep more months; nothing dropped"
+            )
+        if dry_run:
+            click.echo("dry run: nothing dropped")
+            return
+        if not yes and not click.confirm("drop them for good?", default=False):
+            raise JobFailed("not confirmed; nothing dropped")
+        try:
+            with session_scope(cfg.DATABASE_URL) as session:
+                # Planned again under the drop's own transaction: what was listed, or nothing.
+                again = plan_retention(session, today, keep_months)
+                if [p.name for p in again.drop] != [p.name for p in plan.drop]:
+                    raise RetentionRefused("the partitions changed while asking; run it again")
+                dropped = apply_retention(session, again)
+        except RetentionRefused as exc:
+            raise UsageError(f"refused: {exc}; nothing dropped") from None
+    for p in dropped:
+        click.echo(f"dropped {p.name} ({p.month:%Y-%m}, {p.rows} snapshots)")
 
 
 # -- accounts -------------------------------------------------------------------------------

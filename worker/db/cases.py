@@ -7,6 +7,7 @@ has no row locks; its single writer serialises the same work.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
@@ -34,7 +35,22 @@ def _open_index_predicate() -> ColumnElement[bool]:
 _OPEN_PREDICATE = _open_index_predicate()
 
 
-def current_ok_snapshots(session: Session, snapshot_ids: Sequence[int]) -> list[BalanceSnapshot]:
+def _snapshots_by_id(
+    snapshot_ids: Sequence[int], business_date: dt.date | None
+) -> ColumnElement[bool]:
+    """`id IN (…)`, in the month of `business_date` when given. On Postgres the key is
+    (id, business_date): by `id` alone the planner knows no unique key and expects many rows
+    per id in every month (it chose to scan the fresh month whole, 22 ms for 20 ids of
+    60,000, where the key reads them in 0.15 ms)."""
+    found = BalanceSnapshot.id.in_(snapshot_ids)
+    if business_date is None:
+        return found
+    return and_(found, BalanceSnapshot.business_date == business_date)
+
+
+def current_ok_snapshots(
+    session: Session, snapshot_ids: Sequence[int], business_date: dt.date | None = None
+) -> list[BalanceSnapshot]:
     """The `ok` snapshots among `snapshot_ids` that are their account's newest `ok` snapshot.
 
     An older snapshot (a redelivered task, a nightly fetch overtaken by a recheck) would move
@@ -54,13 +70,17 @@ def current_ok_snapshots(session: Session, snapshot_ids: Sequence[int]) -> list[
     )
     out: list[BalanceSnapshot] = []
     for chunk in _chunks(list(dict.fromkeys(snapshot_ids))):
-        query = select(s).where(s.id.in_(chunk), s.status == SnapshotStatus.OK, ~superseded)
+        query = select(s).where(
+            _snapshots_by_id(chunk, business_date), s.status == SnapshotStatus.OK, ~superseded
+        )
         out.extend(session.scalars(query))
     out.sort(key=lambda snap: snap.id)
     return out
 
 
-def lock_accounts_of_snapshots(session: Session, snapshot_ids: Sequence[int]) -> None:
+def lock_accounts_of_snapshots(
+    session: Session, snapshot_ids: Sequence[int], business_date: dt.date | None = None
+) -> None:
     """Lock the rows of the snapshots' accounts (in id order) for this transaction.
 
     Taken before a batch decides which of its snapshots is the newest: a batch and a recheck
@@ -75,7 +95,7 @@ def lock_accounts_of_snapshots(session: Session, snapshot_ids: Sequence[int]) ->
         session.execute(
             select(a.id)
             .join(s, and_(s.openid == a.openid, s.zone_id == a.zone_id))
-            .where(s.id.in_(chunk))
+            .where(_snapshots_by_id(chunk, business_date))
             .order_by(a.id)
             .with_for_update(of=a)
         ).all()

@@ -10,24 +10,29 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import (
+    DDL,
     JSON,
     BigInteger,
     Boolean,
     CheckConstraint,
     Date,
     DateTime,
+    FetchedValue,
     ForeignKey,
     Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
     func,
     text,
 )
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from worker.vocabulary import (
@@ -77,6 +82,17 @@ class UTCDateTime(TypeDecorator[dt.datetime]):
         if value.tzinfo is None:  # SQLite hands back what it stored: UTC without the offset
             return value.replace(tzinfo=dt.UTC)
         return value.astimezone(dt.UTC)
+
+
+@compiles(PrimaryKeyConstraint, "sqlite")
+def _sqlite_primary_key(constraint: PrimaryKeyConstraint, compiler: Any, **kw: Any) -> str:
+    """The primary key without the partition key on SQLite, which has no partitions: only a
+    lone INTEGER PRIMARY KEY auto-increments there (`balance_snapshots.id`)."""
+    names = [c.name for c in constraint.columns if not c.info.get("partition_key")]
+    text = f"PRIMARY KEY ({', '.join(compiler.preparer.quote(n) for n in names)})"
+    if constraint.name is not None:
+        text = f"CONSTRAINT {compiler.preparer.format_constraint(constraint)} {text}"
+    return text
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -254,11 +270,17 @@ class RunDeferral(Base):
 
 
 class BalanceSnapshot(Base):
-    """What Midas said, insert-only; finance queries this table (PRODUCT.md §4)."""
+    """What Midas said, insert-only; finance queries this table (PRODUCT.md §4).
+
+    On Postgres the table is partitioned by month of `business_date` (worker/db/partitions.py):
+    every unique key holds the partition key, so the primary key is (id, business_date) and
+    the one-per-account key gains `business_date`, a function of `run_id` (same meaning).
+    """
 
     __tablename__ = "balance_snapshots"
     __table_args__ = (
-        UniqueConstraint("run_id", "openid", "zone_id"),
+        PrimaryKeyConstraint("id", "business_date"),
+        UniqueConstraint("run_id", "openid", "zone_id", "business_date"),
         CheckConstraint(_in("status", SNAPSHOT_STATUSES), name="status"),
         # An unanswered question is never a zero: values exist exactly when status is ok.
         CheckConstraint(
@@ -271,10 +293,14 @@ class BalanceSnapshot(Base):
             name="values_iff_ok",
         ),
         Index("ix_balance_snapshots_account_time", "openid", "zone_id", "fetched_at"),
+        {"postgresql_partition_by": "RANGE (business_date)"},
     )
 
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    # Still unique on its own: every partition draws from the one sequence (see below).
+    id: Mapped[int] = mapped_column(BigId, server_default=FetchedValue())
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"))
+    # The business date of the run (copied at insert): the month partition the row lives in.
+    business_date: Mapped[dt.date] = mapped_column(Date, info={"partition_key": True})
     openid: Mapped[str] = mapped_column(String(128))
     zone_id: Mapped[str] = mapped_column(String(64))
     fetched_at: Mapped[dt.datetime]
@@ -289,6 +315,19 @@ class BalanceSnapshot(Base):
     present_sum: Mapped[int | None] = mapped_column(Coins)
     first_save: Mapped[bool | None] = mapped_column(Boolean)
     api_version: Mapped[str] = mapped_column(String(2))
+
+
+# What BIGSERIAL gives a lone key: in a composite primary key SQLAlchemy leaves `id` a plain
+# BIGINT on Postgres (and SQLite would refuse `autoincrement=True`; there `id` is the rowid).
+event.listen(
+    BalanceSnapshot.__table__,
+    "after_create",
+    DDL(  # type: ignore[no-untyped-call]  # (SQLAlchemy leaves DDL's __init__ untyped)
+        "CREATE SEQUENCE balance_snapshots_id_seq OWNED BY balance_snapshots.id;"
+        " ALTER TABLE balance_snapshots ALTER COLUMN id"
+        " SET DEFAULT nextval('balance_snapshots_id_seq'::regclass)"
+    ).execute_if(dialect="postgresql"),
+)
 
 
 class MismatchCase(Base):
@@ -338,7 +377,10 @@ class MismatchEvent(Base):
     """Append-only history of a case: every transition, who made it and the numbers seen."""
 
     __tablename__ = "mismatch_events"
-    __table_args__ = (Index("ix_mismatch_events_case_id", "case_id"),)
+    __table_args__ = (
+        Index("ix_mismatch_events_case_id", "case_id"),
+        Index("ix_mismatch_events_snapshot_id", "snapshot_id"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     case_id: Mapped[int] = mapped_column(ForeignKey("mismatch_cases.id"))
@@ -348,7 +390,9 @@ class MismatchEvent(Base):
     to_status: Mapped[str] = mapped_column(String(16))
     midas_value: Mapped[int | None] = mapped_column(Coins)
     ledger_value: Mapped[int | None] = mapped_column(Coins)
-    snapshot_id: Mapped[int | None] = mapped_column(ForeignKey("balance_snapshots.id"))
+    # No foreign key: Postgres cannot refer to a partitioned table by `id` alone, and a month
+    # dropped by `db retention` takes its snapshots with it. The event keeps the numbers.
+    snapshot_id: Mapped[int | None] = mapped_column(BigId)
     run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
     note: Mapped[str | None] = mapped_column(Text)
 

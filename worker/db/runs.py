@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
+from worker.db import partitions
 from worker.db.models import Account, Run, RunClaim, RunItem
 from worker.db.session import dialect_insert
 from worker.vocabulary import RunKind, RunStatus
@@ -89,6 +90,7 @@ def insert_nightly_run(
     ON CONFLICT on the partial unique index: two beats, or beat and an operator, racing for
     the same date end with one run, and the loser does not fail.
     """
+    _ensure_partition(session, business_date)
     stmt = (
         dialect_insert(session, _runs)
         .values(
@@ -117,6 +119,7 @@ def insert_run(
     now: dt.datetime,
 ) -> int:
     """A recheck or confirm run (any number per date), running from the start."""
+    _ensure_partition(session, business_date)
     stmt = (
         _runs.insert()
         .values(
@@ -131,6 +134,12 @@ def insert_run(
         .returning(_runs.c.id)
     )
     return int(session.execute(stmt).scalar_one())
+
+
+def _ensure_partition(session: Session, business_date: dt.date) -> None:
+    """The month partition the run's snapshots go to (an old date's, for a backfill)."""
+    if partitions.partitioned(session):
+        partitions.ensure_months(session, [business_date])
 
 
 def nightly_dates_after(session: Session, business_date: dt.date) -> list[dt.date]:

@@ -1,6 +1,8 @@
 """Balance snapshots: insert-only, one per (run_id, openid, zone_id) (PRODUCT.md §4).
 
-The unique key is the last guard against a second snapshot of an account in one run (a
+Each row carries its run's business date, the key of its month partition on Postgres; the
+unique key holds it too, which changes nothing since the run fixes the date. That key is the
+last guard against a second snapshot of an account in one run (a
 redelivered batch, a restarted worker): the insert skips a row that exists, and the caller
 takes the stored row's status as the item's outcome.
 """
@@ -49,7 +51,7 @@ class StoredSnapshot:
 
 
 def insert_snapshots(
-    session: Session, run_id: int, rows: Sequence[SnapshotRow]
+    session: Session, run_id: int, business_date: dt.date, rows: Sequence[SnapshotRow]
 ) -> list[StoredSnapshot]:
     """Insert `rows`, skipping accounts that already have a snapshot in this run.
 
@@ -68,6 +70,7 @@ def insert_snapshots(
         params.append(
             {
                 "run_id": run_id,
+                "business_date": business_date,
                 "openid": row.openid,
                 "zone_id": row.zone_id,
                 "fetched_at": row.fetched_at,
@@ -89,6 +92,7 @@ def insert_snapshots(
                 _snapshots.c.run_id,
                 _snapshots.c.openid,
                 _snapshots.c.zone_id,
+                _snapshots.c.business_date,
             ]
         )
         .returning(
@@ -112,6 +116,7 @@ def insert_snapshots(
                 _snapshots.c.status,
             ).where(
                 _snapshots.c.run_id == run_id,
+                _snapshots.c.business_date == business_date,
                 tuple_(_snapshots.c.openid, _snapshots.c.zone_id).in_(missing),
             )
         )

@@ -83,19 +83,21 @@ def reconcile_snapshots(
     now: dt.datetime,
     skew: dt.timedelta = dt.timedelta(0),
     actor: str = SYSTEM,
+    business_date: dt.date | None = None,
 ) -> ReconcileResult:
     """Compare a batch of snapshots with the ledger and move their accounts' cases.
 
     A few queries for the whole batch (account locks, snapshots, ledger totals, open cases,
     recent ledger rows), then one INSERT per new case and the updates. Runs in the caller's
-    transaction. `skew` is the tolerated clock skew (BusinessCalendar.skew).
+    transaction. `skew` is the tolerated clock skew (BusinessCalendar.skew). `business_date`,
+    when all the snapshots are of one run's date, lets Postgres read only that month.
     """
     if len({c.name for c in checks}) != len(checks):
         raise ValueError("two checks share a name; a case is keyed by its check's name")
     ids = list(dict.fromkeys(snapshot_ids))
     # The accounts first, then which snapshot is newest (see the repository's docstring).
-    repo.lock_accounts_of_snapshots(session, ids)
-    snapshots = repo.current_ok_snapshots(session, ids)
+    repo.lock_accounts_of_snapshots(session, ids, business_date)
+    snapshots = repo.current_ok_snapshots(session, ids, business_date)
     result = ReconcileResult(skipped=len(ids) - len(snapshots))
     if not snapshots:
         return result

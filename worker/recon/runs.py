@@ -485,7 +485,7 @@ def run_batch(
         run = repo.get_run(session, run_id)
         if run is None or run.status != "running":
             return BatchResult(run_id, skipped=len(account_ids))
-        kind = run.kind
+        kind, business_date = run.kind, run.business_date
         items = repo.start_items(session, run_id, account_ids, claim=claim)
         if not items:  # a copy of a batch that stored, or whose claim was taken back
             repo.close_claim(session, run_id, account_ids, claim=claim)
@@ -519,7 +519,7 @@ def run_batch(
         held = repo.lock_held(session, run_id, [i.account_id for i in items], claim=claim)
         mine = [o for o in outcomes if o.target.account_id in held]
         stored = insert_snapshots(
-            session, run_id, [_snapshot_row(o, deps.api_version) for o in mine]
+            session, run_id, business_date, [_snapshot_row(o, deps.api_version) for o in mine]
         )
         by_account = {(s.openid, s.zone_id): s for s in stored}
         repo.mark_done(
@@ -550,6 +550,7 @@ def run_batch(
                 settle_seconds=deps.settle_seconds,
                 skew=deps.skew,
                 now=clock.utcnow(),
+                business_date=business_date,
             )
             repo.add_mismatches_opened(session, run_id, reconciled.opened)
             if reconciled.confirm_due:

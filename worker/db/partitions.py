@@ -1,0 +1,135 @@
+"""Monthly partitions of `balance_snapshots` on Postgres: their names, DDL and contents.
+
+One partition per calendar month of `business_date`, named `balance_snapshots_YYYY_MM`, no
+default partition: a row whose month has no partition is refused, never parked somewhere.
+Which months exist and which may go is decided in worker/recon/retention.py. SQLite has no
+partitions: callers ask `partitioned()` first.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+
+from sqlalchemy import Connection, distinct, func, select, text
+from sqlalchemy.orm import Session
+
+from worker.db.models import BalanceSnapshot, MismatchCase, MismatchEvent
+from worker.vocabulary import OPEN_CASE_STATUSES
+
+PARENT: Final = "balance_snapshots"
+_NAME = re.compile(r"^balance_snapshots_(\d{4})_(\d{2})$")
+# Any fixed number: two processes creating the same month one after the other, not at once
+# (concurrent CREATE TABLE IF NOT EXISTS of one name can still fail on the catalog's keys).
+_LOCK: Final = 0x6D696461735F7061  # "midas_pa"
+
+
+def month_of(day: dt.date) -> dt.date:
+    return day.replace(day=1)
+
+
+def add_months(month: dt.date, months: int) -> dt.date:
+    index = month.year * 12 + month.month - 1 + months
+    return dt.date(index // 12, index % 12 + 1, 1)
+
+
+def partition_name(month: dt.date) -> str:
+    return f"{PARENT}_{month:%Y_%m}"
+
+
+def month_of_partition(name: str) -> dt.date | None:
+    """The month a partition of ours holds; None for any other name."""
+    found = _NAME.match(name)
+    return dt.date(int(found[1]), int(found[2]), 1) if found else None
+
+
+def partitioned(bind: Session | Connection) -> bool:
+    """Whether this database partitions snapshots (Postgres does, SQLite does not)."""
+    dialect = bind.get_bind().dialect if isinstance(bind, Session) else bind.dialect
+    return dialect.name == "postgresql"
+
+
+def ensure_months(bind: Session | Connection, months: Iterable[dt.date]) -> list[str]:
+    """Create the partitions of `months` that do not exist; the names created.
+
+    Creating one locks the parent table (ACCESS EXCLUSIVE) until the transaction ends, so the
+    common case, the month exists, only reads the catalog.
+    """
+    wanted = sorted({month_of(m) for m in months})
+    missing = [m for m in wanted if not _exists(bind, partition_name(m))]
+    if not missing:
+        return []
+    bind.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
+    created = []
+    for month in missing:
+        name = partition_name(month)
+        if _exists(bind, name):  # made by another process while we waited for the lock
+            continue
+        # Names and bounds are dates formatted here, never input.
+        start, end = month.isoformat(), add_months(month, 1).isoformat()
+        bind.execute(
+            text(
+                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF {PARENT}"
+                f" FOR VALUES FROM ('{start}') TO ('{end}')"
+            )
+        )
+        created.append(name)
+    return created
+
+
+def _exists(bind: Session | Connection, name: str) -> bool:
+    found = bind.execute(text("SELECT to_regclass(:name)"), {"name": name}).scalar()
+    return found is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    name: str
+    month: dt.date
+    rows: int
+
+
+def month_partitions(session: Session) -> list[Partition]:
+    """Our monthly partitions with their exact row counts, oldest first."""
+    names = session.execute(
+        text(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = CAST(:parent AS regclass)"
+        ),
+        {"parent": PARENT},
+    ).scalars()
+    found = []
+    for name in names:
+        month = month_of_partition(name)
+        if month is None:  # someone else's partition: not ours to count or drop
+            continue
+        rows = session.execute(text(f"SELECT count(*) FROM {name}")).scalar_one()  # noqa: S608
+        found.append(Partition(name, month, int(rows)))
+    return sorted(found, key=lambda p: p.month)
+
+
+def open_case_references(session: Session, month: dt.date) -> int:
+    """How many snapshots of `month` an event of a still open case points at."""
+    stmt = (
+        select(func.count(distinct(BalanceSnapshot.id)))
+        .join(MismatchEvent, MismatchEvent.snapshot_id == BalanceSnapshot.id)
+        .join(MismatchCase, MismatchCase.id == MismatchEvent.case_id)
+        .where(
+            MismatchCase.status.in_(OPEN_CASE_STATUSES),
+            # The partition's bounds: only that month's partition is read.
+            BalanceSnapshot.business_date >= month,
+            BalanceSnapshot.business_date < add_months(month, 1),
+        )
+    )
+    return int(session.execute(stmt).scalar_one())
+
+
+def drop(session: Session, partition: Partition) -> None:
+    """Detach the partition, then drop it: its rows are gone for good."""
+    if month_of_partition(partition.name) != partition.month:
+        raise ValueError(f"{partition.name} is not the partition of {partition.month:%Y-%m}")
+    session.execute(text(f"ALTER TABLE {PARENT} DETACH PARTITION {partition.name}"))
+    session.execute(text(f"DROP TABLE {partition.name}"))
