@@ -56,7 +56,7 @@ from worker.recon.fetch import (
     fetch_all,
 )
 from worker.recon.rules import Check, checks_from_settings
-from worker.vocabulary import RunKind, RunStatus
+from worker.vocabulary import RunKind, RunStatus, SnapshotStatus
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -245,7 +245,9 @@ def take_the_night(
     plan = coverage.plan_night(session, settings, run_id, day, now)
     repo.refresh_item_statistics(session)
     repo.mark_running(session, run_id, planned=plan.planned, now=now)
-    log.info("run_planned", extra={"run_id": run_id, "planned": plan.planned, "kind": "nightly"})
+    log.info(
+        "run_planned", extra={"run_id": run_id, "planned": plan.planned, "kind": RunKind.NIGHTLY}
+    )
     if plan.planned == 0:
         finalize(session, run_id, now=now)
     return closed, []
@@ -483,7 +485,7 @@ def run_batch(
     """
     with db() as session:
         run = repo.get_run(session, run_id)
-        if run is None or run.status != "running":
+        if run is None or run.status != RunStatus.RUNNING:
             return BatchResult(run_id, skipped=len(account_ids))
         kind, business_date = run.kind, run.business_date
         items = repo.start_items(session, run_id, account_ids, claim=claim)
@@ -507,7 +509,7 @@ def run_batch(
     outcomes = report.outcomes + [
         FetchOutcome(
             FetchTarget(i.account_id, i.openid, i.zone_id),
-            "error",
+            SnapshotStatus.ERROR,
             clock.utcnow(),
             errmsg=f"given up: {i.attempts - 1} batches died while fetching this account",
         )
@@ -541,7 +543,7 @@ def run_batch(
         back = [t.account_id for t in report.unfetched if t.account_id in held]
         repo.release(session, run_id, back)
         repo.close_claim(session, run_id, account_ids, claim=claim)  # it holds nothing now
-        fresh_ok = [s.id for s in stored if s.new and s.status == "ok"]
+        fresh_ok = [s.id for s in stored if s.new and s.status == SnapshotStatus.OK]
         if fresh_ok:
             reconciled = reconcile_snapshots(
                 session,
@@ -558,7 +560,8 @@ def run_batch(
         unobserved = [
             (o.target.openid, o.target.zone_id, f"errcode {o.errcode or 'none'}")
             for o in mine
-            if o.status == "unobservable" and by_account[o.target.openid, o.target.zone_id].new
+            if o.status == SnapshotStatus.UNOBSERVABLE
+            and by_account[o.target.openid, o.target.zone_id].new
         ]
         if unobserved:
             park_unobserved(session, unobserved, now=clock.utcnow())
