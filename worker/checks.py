@@ -18,7 +18,7 @@ from types import MappingProxyType
 from typing import Any
 
 from worker.midas.types import COUNTER_FIELDS
-from worker.vocabulary import LEDGER_KINDS
+from worker.vocabulary import LEDGER_KINDS, LedgerKind
 
 # A check name is stored in mismatch_cases.check (32 characters) and typed by operators.
 _CHECK_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -66,10 +66,14 @@ class Check:
 
 
 DEFAULT_CHECKS: tuple[Check, ...] = (
-    Check("save_sum", "save_sum", {"save": 1}),
-    Check("cost_sum", "cost_sum", {"cost": 1, "cancel": -1}),
-    Check("present_sum", "present_sum", {"present": 1}),
-    Check("balance", "balance", {"save": 1, "present": 1, "cost": -1, "cancel": 1}),
+    Check("save_sum", "save_sum", {LedgerKind.SAVE: 1}),
+    Check("cost_sum", "cost_sum", {LedgerKind.COST: 1, LedgerKind.CANCEL: -1}),
+    Check("present_sum", "present_sum", {LedgerKind.PRESENT: 1}),
+    Check(
+        "balance",
+        "balance",
+        {LedgerKind.SAVE: 1, LedgerKind.PRESENT: 1, LedgerKind.COST: -1, LedgerKind.CANCEL: 1},
+    ),
 )
 
 

@@ -41,7 +41,7 @@ from cryptography.fernet import Fernet
 from worker import business_calendar as clock
 from worker.config import SECRET_VARIABLES, Settings, get_settings
 from worker.simulator import SimConfig, Simulator
-from worker.vocabulary import CaseStatus, RunStatus, SnapshotStatus
+from worker.vocabulary import CaseStatus, LedgerKind, RunStatus, SnapshotStatus
 
 SETTLE_SECONDS = 3  # short, so the confirm pass runs within the demo
 ZONES = ("1", "2")
@@ -292,11 +292,11 @@ def _plant(sim: Simulator, folder: Path, players: int, seed: int) -> tuple[Plan,
         for _ in range(rng.randint(1, 3)):
             amount, no = rng.choice(_TOP_UPS), bill()
             sim.save(openid, zone, amount, no)
-            ledger.append((no, openid, zone, "save", amount, past(25)))
+            ledger.append((no, openid, zone, LedgerKind.SAVE, amount, past(25)))
         if rng.random() < 0.4:
             amount, no = rng.choice(_GIFTS), bill()
             sim.present(openid, zone, amount, no)
-            ledger.append((no, openid, zone, "present", amount, past(25)))
+            ledger.append((no, openid, zone, LedgerKind.PRESENT, amount, past(25)))
         for _ in range(rng.randint(0, 2)):
             balance = int(sim.counters(openid, zone)["balance"])
             amount, no, spent_at = (
@@ -305,26 +305,26 @@ def _plant(sim: Simulator, folder: Path, players: int, seed: int) -> tuple[Plan,
                 past(20),
             )
             sim.pay(openid, zone, amount, no)
-            ledger.append((no, openid, zone, "cost", amount, spent_at))
+            ledger.append((no, openid, zone, LedgerKind.COST, amount, spent_at))
             if rng.random() < 0.1:  # refunded a few minutes later
                 sim.cancelpay(openid, zone, no)
                 cancel_at = spent_at + dt.timedelta(seconds=rng.randint(60, 240))
-                ledger.append((f"{no}.cancel", openid, zone, "cancel", amount, cancel_at))
+                ledger.append((f"{no}.cancel", openid, zone, LedgerKind.CANCEL, amount, cancel_at))
 
     for n, (openid, zone) in enumerate(sorted(plan.mismatched)):
         no = bill()
         if n % 3 == 0:  # a top-up the ledger booked and Midas never got
-            ledger.append((no, openid, zone, "save", rng.choice(_TOP_UPS), past(10)))
+            ledger.append((no, openid, zone, LedgerKind.SAVE, rng.choice(_TOP_UPS), past(10)))
         elif n % 3 == 1:  # a gift Midas made that the ledger never booked
             sim.present(openid, zone, rng.choice(_GIFTS), no)
         else:  # a spend the ledger booked and Midas never took
-            ledger.append((no, openid, zone, "cost", 1, past(10)))
+            ledger.append((no, openid, zone, LedgerKind.COST, 1, past(10)))
 
     # Booked by the game seconds ago; Midas applies them only after the first fetch.
     for openid, zone in groups["in_flight"]:
         amount, no = rng.choice(_TOP_UPS), bill()
         plan.in_flight[(openid, zone)] = (no, amount)
-        ledger.append((no, openid, zone, "save", amount, now - dt.timedelta(seconds=2)))
+        ledger.append((no, openid, zone, LedgerKind.SAVE, amount, now - dt.timedelta(seconds=2)))
 
     accounts_csv = folder / "accounts.csv"
     with accounts_csv.open("w", newline="", encoding="utf-8") as fh:
@@ -459,11 +459,11 @@ def _day_of_payments(settings: Settings, sim: Simulator, plan: Plan, folder: Pat
         if n % 3 == 2 and balance > 1:
             amount = rng.randint(1, balance // 2 or 1)
             sim.pay(openid, zone, amount, no)
-            rows.append((no, openid, zone, "cost", amount, now))
+            rows.append((no, openid, zone, LedgerKind.COST, amount, now))
         else:
             amount = rng.choice(_TOP_UPS)
             sim.save(openid, zone, amount, no)
-            rows.append((no, openid, zone, "save", amount, now))
+            rows.append((no, openid, zone, LedgerKind.SAVE, amount, now))
     path = folder / "ledger-day.csv"
     with path.open("w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

@@ -30,6 +30,15 @@ class ItemState(StrEnum):
     DONE = "done"
 
 
+class ItemOutcome(StrEnum):
+    """A done item's outcome: its snapshot's status, or deferred without a fetch."""
+
+    OK = "ok"
+    UNOBSERVABLE = "unobservable"
+    ERROR = "error"
+    DEFERRED = "deferred"  # not fetched: capacity, the run's deadline, or a later night
+
+
 class SnapshotStatus(StrEnum):
     OK = "ok"
     UNOBSERVABLE = "unobservable"  # Midas cannot answer for this account (no or stale key)

@@ -175,8 +175,10 @@ def deliver(
         # A crash between the POST and this commit sends the message again on the retry:
         # a webhook cannot be part of our transaction, so "once" holds up to that window.
         with db() as session:
-            repo.note_attempt(session, alert_id, target.label, status="sent", error=None, now=now())
-        ALERTS_SENT.labels(alert.kind.value, "sent").inc()
+            repo.note_attempt(
+                session, alert_id, target.label, status=DeliveryStatus.SENT, error=None, now=now()
+            )
+        ALERTS_SENT.labels(alert.kind.value, DeliveryStatus.SENT).inc()
         log.info("alert_delivered", extra={"alert_id": alert_id, "target": target.label})
     return failed
 
@@ -188,7 +190,7 @@ def give_up(db: Db, alert_id: int, labels: list[str], *, now: dt.datetime) -> No
         for label in labels:
             repo.give_up(session, alert_id, label, now=now)
     kind = alert.kind.value if alert else "unknown"
-    ALERTS_SENT.labels(kind, "failed").inc(len(labels))
+    ALERTS_SENT.labels(kind, DeliveryStatus.FAILED).inc(len(labels))
     log.error("alert_given_up", extra={"alert_id": alert_id, "targets": labels})
 
 

@@ -59,7 +59,7 @@ def note_attempt(
         status=status,
         attempts=1,
         last_error=error,
-        sent_at=now if status == "sent" else None,
+        sent_at=now if status == DeliveryStatus.SENT else None,
         updated_at=now,
     )
     stmt = stmt.on_conflict_do_update(

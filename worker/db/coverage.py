@@ -28,7 +28,14 @@ from sqlalchemy import (
 from sqlalchemy.orm import Session
 
 from worker.db.models import Account, LedgerEntry, MismatchCase, Run, RunDeferral, RunItem
-from worker.vocabulary import OPEN_CASE_STATUSES, ItemState, RunKind, RunStatus, SnapshotStatus
+from worker.vocabulary import (
+    OPEN_CASE_STATUSES,
+    ItemOutcome,
+    ItemState,
+    RunKind,
+    RunStatus,
+    SnapshotStatus,
+)
 
 _accounts = cast(Table, Account.__table__)
 _items = cast(Table, RunItem.__table__)
@@ -212,7 +219,7 @@ def defer_pending(session: Session, run_id: int) -> dict[int, int]:
         session.execute(
             update(_items)
             .where(_items.c.run_id == run_id, _items.c.state == ItemState.PENDING)
-            .values(state=ItemState.DONE, outcome="deferred")
+            .values(state=ItemState.DONE, outcome=ItemOutcome.DEFERRED)
         )
     return counts
 

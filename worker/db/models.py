@@ -171,6 +171,7 @@ class Run(Base):
             "uq_runs_nightly_business_date",
             "business_date",
             unique=True,
+            # SQL text as the migration wrote it (alembic check compares it); RunKind.NIGHTLY.
             postgresql_where=text("kind = 'nightly'"),
             sqlite_where=text("kind = 'nightly'"),
         ),
@@ -283,6 +284,7 @@ class BalanceSnapshot(Base):
         UniqueConstraint("run_id", "openid", "zone_id", "business_date"),
         CheckConstraint(_in("status", SNAPSHOT_STATUSES), name="status"),
         # An unanswered question is never a zero: values exist exactly when status is ok.
+        # SQL text as the migration wrote it ('ok' is SnapshotStatus.OK).
         CheckConstraint(
             "(status = 'ok' AND balance IS NOT NULL AND gen_balance IS NOT NULL"
             " AND save_amt IS NOT NULL AND save_sum IS NOT NULL AND cost_sum IS NOT NULL"

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from worker.db import partitions
 from worker.db.models import Account, Run, RunClaim, RunItem
 from worker.db.session import dialect_insert
-from worker.vocabulary import RunKind, RunStatus
+from worker.vocabulary import ItemOutcome, ItemState, RunKind, RunStatus
 
 _runs = cast(Table, Run.__table__)
 _items = cast(Table, RunItem.__table__)
@@ -102,7 +102,9 @@ def insert_nightly_run(
             created_at=now,
         )
         .on_conflict_do_nothing(
-            index_elements=[_runs.c.business_date], index_where=text("kind = 'nightly'")
+            # The partial index's own predicate, as SQL text: Postgres infers the index from it.
+            index_elements=[_runs.c.business_date],
+            index_where=text("kind = 'nightly'"),
         )
         .returning(_runs.c.id)
     )
@@ -232,15 +234,15 @@ def item_counts(session: Session, run_id: int) -> ItemCounts:
     )
     counts: dict[str, int] = {}
     for state, outcome, n in rows:
-        key = str(outcome) if state == "done" else str(state)
+        key = str(outcome) if state == ItemState.DONE else str(state)
         counts[key] = counts.get(key, 0) + int(n)
     return ItemCounts(
-        pending=counts.get("pending", 0),
-        claimed=counts.get("claimed", 0),
-        ok=counts.get("ok", 0),
-        unobservable=counts.get("unobservable", 0),
-        error=counts.get("error", 0),
-        deferred=counts.get("deferred", 0),
+        pending=counts.get(ItemState.PENDING, 0),
+        claimed=counts.get(ItemState.CLAIMED, 0),
+        ok=counts.get(ItemOutcome.OK, 0),
+        unobservable=counts.get(ItemOutcome.UNOBSERVABLE, 0),
+        error=counts.get(ItemOutcome.ERROR, 0),
+        deferred=counts.get(ItemOutcome.DEFERRED, 0),
     )
 
 
@@ -249,7 +251,7 @@ def has_open_items(session: Session, run_id: int) -> bool:
     may be claimed (a claim in flight)."""
     pending = (
         select(_items.c.account_id)
-        .where(_items.c.run_id == run_id, _items.c.state == "pending")
+        .where(_items.c.run_id == run_id, _items.c.state == ItemState.PENDING)
         .exists()
     )
     in_flight = select(_claims.c.run_id).where(_claims.c.run_id == run_id).exists()
@@ -264,7 +266,7 @@ def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.dateti
     deadline has spent itself on them); concurrent claimers skip each other's rows."""
     chosen = (
         select(_items.c.account_id)
-        .where(_items.c.run_id == run_id, _items.c.state == "pending")
+        .where(_items.c.run_id == run_id, _items.c.state == ItemState.PENDING)
         .order_by(_items.c.tier)  # the (run_id, state, tier) index: no sort
         .limit(limit)
         .with_for_update(skip_locked=True)  # Postgres; SQLite has one writer anyway
@@ -272,7 +274,7 @@ def claim_pending(session: Session, run_id: int, *, limit: int, claim: dt.dateti
     stmt = (
         update(_items)
         .where(_items.c.run_id == run_id, _items.c.account_id.in_(chosen.scalar_subquery()))
-        .values(state="claimed", claimed_at=claim)
+        .values(state=ItemState.CLAIMED, claimed_at=claim)
         .returning(_items.c.account_id)
     )
     ids = sorted(int(a) for a in session.execute(stmt).scalars())
@@ -293,6 +295,7 @@ def _held(claim: dt.datetime | None = None) -> ColumnElement[bool]:
     prefer (it expects few claimed items), and whose `claimed` range holds a dead entry for
     every item claimed before in the run until a vacuum removes it.
     """
+    # Left as written and measured (bench/scale.py), literal and all: this text is the trick.
     held = _items.c.state.concat("") == "claimed"
     return held if claim is None else held & (_items.c.claimed_at == claim)
 
@@ -353,10 +356,10 @@ def take_back_claims(session: Session, run_id: int, claims: Sequence[dt.datetime
         update(_items)
         .where(
             _items.c.run_id == run_id,
-            _items.c.state == "claimed",
+            _items.c.state == ItemState.CLAIMED,
             _items.c.claimed_at.in_(list(claims)),
         )
-        .values(state="pending", claimed_at=None)
+        .values(state=ItemState.PENDING, claimed_at=None)
     )
     session.execute(
         delete(_claims).where(_claims.c.run_id == run_id, _claims.c.claimed_at.in_(list(claims)))
@@ -402,7 +405,7 @@ def mark_done(session: Session, run_id: int, outcomes: dict[int, str]) -> None:
         session.execute(
             update(_items)
             .where(_items.c.run_id == run_id, _items.c.account_id.in_(ids), _held())
-            .values(state="done", outcome=outcome)
+            .values(state=ItemState.DONE, outcome=outcome)
         )
 
 
@@ -414,7 +417,7 @@ def release(session: Session, run_id: int, account_ids: Sequence[int]) -> None:
         update(_items)
         .where(_items.c.run_id == run_id, _items.c.account_id.in_(list(account_ids)), _held())
         .values(
-            state="pending",
+            state=ItemState.PENDING,
             claimed_at=None,
             attempts=case((_items.c.attempts > 0, _items.c.attempts - 1), else_=0),
         )
@@ -425,8 +428,8 @@ def release_all_claims(session: Session, run_id: int) -> int:
     """Every claim of a run back to pending (resuming a failed run: its batches are gone)."""
     result = session.execute(
         update(_items)
-        .where(_items.c.run_id == run_id, _items.c.state == "claimed")
-        .values(state="pending", claimed_at=None)
+        .where(_items.c.run_id == run_id, _items.c.state == ItemState.CLAIMED)
+        .values(state=ItemState.PENDING, claimed_at=None)
     )
     session.execute(delete(_claims).where(_claims.c.run_id == run_id))
     return _rowcount(result)
@@ -483,7 +486,7 @@ def accounts_in_flight(*, kind: str) -> Select[tuple[int]]:
         .where(
             _runs.c.kind == kind,
             _runs.c.status == RunStatus.RUNNING,
-            or_(_items.c.state == "pending", _items.c.state == "claimed"),
+            or_(_items.c.state == ItemState.PENDING, _items.c.state == ItemState.CLAIMED),
         )
     )
 

@@ -18,19 +18,26 @@ from worker.db.models import (
     MismatchEvent,
     Run,
 )
+from worker.vocabulary import (
+    CLOSED_CASE_STATUSES,
+    CaseStatus,
+    LedgerKind,
+    RunKind,
+    RunStatus,
+    SnapshotStatus,
+)
 
-CLOSED_CASE_STATUSES = ("cleared", "resolved")  # final: a later difference opens a new case
 EVENT_COLUMNS = {  # case event to_status -> statement column
-    "confirmed": "cases_confirmed",
-    "cleared": "cases_cleared",
-    "resolved": "cases_resolved",
-    "acknowledged": "cases_acknowledged",
+    CaseStatus.CONFIRMED: "cases_confirmed",
+    CaseStatus.CLEARED: "cases_cleared",
+    CaseStatus.RESOLVED: "cases_resolved",
+    CaseStatus.ACKNOWLEDGED: "cases_acknowledged",
 }
 
 
 def nightly_run(session: Session, business_date: dt.date) -> Run | None:
     return session.scalars(
-        select(Run).where(Run.kind == "nightly", Run.business_date == business_date)
+        select(Run).where(Run.kind == RunKind.NIGHTLY, Run.business_date == business_date)
     ).one_or_none()
 
 
@@ -46,10 +53,10 @@ def trend_totals(session: Session, dates: Sequence[dt.date], zone_id: str | None
             func.sum(snap.cost_sum).label("cost_sum"),
             func.sum(snap.present_sum).label("present_sum"),
         )
-        .join(snap, and_(snap.run_id == Run.id, snap.status == "ok"))
+        .join(snap, and_(snap.run_id == Run.id, snap.status == SnapshotStatus.OK))
         .where(
-            Run.kind == "nightly",
-            Run.status == "complete",
+            Run.kind == RunKind.NIGHTLY,
+            Run.status == RunStatus.COMPLETE,
             Run.business_date >= dates[0],
             Run.business_date <= dates[-1],
         )
@@ -116,9 +123,9 @@ def coverage(session: Session, run_id: int, zone_id: str | None) -> Iterable[Any
         select(
             s.zone_id,
             func.count().label("accounts"),
-            count_if(s.status == "ok").label("ok"),
-            count_if(s.status == "unobservable").label("unobservable"),
-            count_if(s.status == "error").label("error"),
+            count_if(s.status == SnapshotStatus.OK).label("ok"),
+            count_if(s.status == SnapshotStatus.UNOBSERVABLE).label("unobservable"),
+            count_if(s.status == SnapshotStatus.ERROR).label("error"),
             func.sum(s.balance).label("balance"),
             func.sum(s.save_sum).label("save_sum"),
             func.sum(s.cost_sum).label("cost_sum"),
@@ -162,10 +169,10 @@ def movement(session: Session, run_id: int, previous_id: int, zone_id: str | Non
                 prev.run_id == previous_id,
                 prev.openid == cur.openid,
                 prev.zone_id == cur.zone_id,
-                prev.status == "ok",
+                prev.status == SnapshotStatus.OK,
             ),
         )
-        .where(cur.run_id == run_id, cur.status == "ok")
+        .where(cur.run_id == run_id, cur.status == SnapshotStatus.OK)
     )
     if zone_id is not None:
         pairs_query = pairs_query.where(cur.zone_id == zone_id)
@@ -209,10 +216,18 @@ def movement(session: Session, run_id: int, previous_id: int, zone_id: str | Non
     flows = (
         select(
             pairs.c.zone_id,
-            func.sum(sign * case((led.kind == "save", led.amount), else_=0)).label("top_ups"),
-            func.sum(sign * case((led.kind == "present", led.amount), else_=0)).label("gifts"),
-            func.sum(sign * case((led.kind == "cost", led.amount), else_=0)).label("spends"),
-            func.sum(sign * case((led.kind == "cancel", led.amount), else_=0)).label("cancels"),
+            func.sum(sign * case((led.kind == LedgerKind.SAVE, led.amount), else_=0)).label(
+                "top_ups"
+            ),
+            func.sum(sign * case((led.kind == LedgerKind.PRESENT, led.amount), else_=0)).label(
+                "gifts"
+            ),
+            func.sum(sign * case((led.kind == LedgerKind.COST, led.amount), else_=0)).label(
+                "spends"
+            ),
+            func.sum(sign * case((led.kind == LedgerKind.CANCEL, led.amount), else_=0)).label(
+                "cancels"
+            ),
         )
         .select_from(pairs)
         .join(

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 from worker import business_calendar as clock
 from worker.midas.errors import (
@@ -35,10 +35,10 @@ from worker.midas.errors import (
     RunStopper,
 )
 from worker.midas.types import Balance
+from worker.vocabulary import SnapshotStatus
 
 log = logging.getLogger(__name__)
 
-Status = Literal["ok", "unobservable", "error"]
 ERRMSG_MAX = 500
 
 
@@ -66,7 +66,7 @@ class FetchOutcome:
     """What Midas said about one account (or why we could not tell)."""
 
     target: FetchTarget
-    status: Status
+    status: SnapshotStatus
     fetched_at: dt.datetime
     balance: Balance | None = None
     errcode: int | None = None
@@ -123,7 +123,13 @@ def fetch_one(
     """One account through the error policy. Raises RunStopper or _Stopped."""
     if target.key_error is not None:
         return FetchOutcome(
-            target, "error", clock.utcnow(), None, None, target.key_error[:ERRMSG_MAX], 0
+            target,
+            SnapshotStatus.ERROR,
+            clock.utcnow(),
+            None,
+            None,
+            target.key_error[:ERRMSG_MAX],
+            0,
         )
     attempt = 0
     quota_waits = 0
@@ -137,26 +143,50 @@ def fetch_one(
             raise
         except AccountUnobservable as exc:
             return FetchOutcome(
-                target, "unobservable", clock.utcnow(), None, exc.errcode, describe(exc), attempt
+                target,
+                SnapshotStatus.UNOBSERVABLE,
+                clock.utcnow(),
+                None,
+                exc.errcode,
+                describe(exc),
+                attempt,
             )
         except QuotaPaused as exc:
             attempt -= 1  # the limiter waits out the pause; this was not the account's fault
             quota_waits += 1
             if quota_waits > policy.quota_waits:
                 return FetchOutcome(
-                    target, "error", clock.utcnow(), None, exc.errcode, describe(exc), 0
+                    target,
+                    SnapshotStatus.ERROR,
+                    clock.utcnow(),
+                    None,
+                    exc.errcode,
+                    describe(exc),
+                    0,
                 )
             continue
         except RequestRejected as exc:
             return FetchOutcome(
-                target, "error", clock.utcnow(), None, exc.errcode, describe(exc), attempt
+                target,
+                SnapshotStatus.ERROR,
+                clock.utcnow(),
+                None,
+                exc.errcode,
+                describe(exc),
+                attempt,
             )
         except MidasError as exc:
             # RetryableError, MidasTimeout, MalformedResponse, and a TokenError the client's
             # one refresh did not cure (the token service may be catching up).
             if attempt >= policy.attempts:
                 return FetchOutcome(
-                    target, "error", clock.utcnow(), None, exc.errcode, describe(exc), attempt
+                    target,
+                    SnapshotStatus.ERROR,
+                    clock.utcnow(),
+                    None,
+                    exc.errcode,
+                    describe(exc),
+                    attempt,
                 )
             log.info(
                 "midas_retry",
@@ -166,8 +196,10 @@ def fetch_one(
             continue
         except Exception as exc:  # a bug must not lose the account: record it as an error
             log.exception("fetch_internal_error", extra={"account_id": target.account_id})
-            return FetchOutcome(target, "error", clock.utcnow(), None, None, describe(exc), attempt)
-        return FetchOutcome(target, "ok", clock.utcnow(), balance, None, None, attempt)
+            return FetchOutcome(
+                target, SnapshotStatus.ERROR, clock.utcnow(), None, None, describe(exc), attempt
+            )
+        return FetchOutcome(target, SnapshotStatus.OK, clock.utcnow(), balance, None, None, attempt)
 
 
 def fetch_all(

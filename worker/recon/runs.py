@@ -23,9 +23,9 @@ import datetime as dt
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -38,8 +38,9 @@ from worker.db import runs as repo
 from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
 from worker.db.models import Run
 from worker.db.session import session_scope
-from worker.db.snapshots import VALUE_FIELDS, SnapshotRow, insert_snapshots
+from worker.db.snapshots import VALUE_FIELDS, SnapshotRow, StoredSnapshot, insert_snapshots
 from worker.metrics import NIGHTLY_DEFERRED, RUN_ITEMS_DONE, SNAPSHOTS
+from worker.midas.errors import RunStopper
 from worker.recon import coverage
 from worker.recon.batches import Batch
 from worker.recon.cases import (
@@ -50,13 +51,14 @@ from worker.recon.cases import (
 from worker.recon.fetch import (
     BalanceSource,
     FetchOutcome,
+    FetchReport,
     FetchTarget,
     RetryPolicy,
     describe,
     fetch_all,
 )
 from worker.recon.rules import Check, checks_from_settings
-from worker.vocabulary import RunKind, RunStatus
+from worker.vocabulary import RunKind, RunStatus, SnapshotStatus
 
 if TYPE_CHECKING:
     import redis as redis_lib
@@ -245,7 +247,9 @@ def take_the_night(
     plan = coverage.plan_night(session, settings, run_id, day, now)
     repo.refresh_item_statistics(session)
     repo.mark_running(session, run_id, planned=plan.planned, now=now)
-    log.info("run_planned", extra={"run_id": run_id, "planned": plan.planned, "kind": "nightly"})
+    log.info(
+        "run_planned", extra={"run_id": run_id, "planned": plan.planned, "kind": RunKind.NIGHTLY}
+    )
     if plan.planned == 0:
         finalize(session, run_id, now=now)
     return closed, []
@@ -482,97 +486,29 @@ def run_batch(
     Two short transactions, so no database lock is held while waiting for Midas.
     """
     with db() as session:
-        run = repo.get_run(session, run_id)
-        if run is None or run.status != "running":
-            return BatchResult(run_id, skipped=len(account_ids))
-        kind, business_date = run.kind, run.business_date
-        items = repo.start_items(session, run_id, account_ids, claim=claim)
-        if not items:  # a copy of a batch that stored, or whose claim was taken back
-            repo.close_claim(session, run_id, account_ids, claim=claim)
-    result = BatchResult(run_id, kind, skipped=len(account_ids) - len(items))
-    if not items:
+        started = _start_batch(session, run_id, account_ids, claim)
+    if started is None:
+        return BatchResult(run_id, skipped=len(account_ids))
+    result = BatchResult(run_id, started.kind, skipped=len(account_ids) - len(started.items))
+    if not started.items:
         return result
 
-    # `attempts` counts this start too: the batches before it that died are one fewer.
-    given_up = [i for i in items if i.attempts - 1 >= MAX_BATCH_DEATHS]
-    targets = [_target(deps, i) for i in items if i.attempts - 1 < MAX_BATCH_DEATHS]
     fetch_started = time.monotonic()
-    report = fetch_all(
-        deps.source,
-        targets,
-        threads=deps.threads,
-        deadline=time.monotonic() + deps.deadline_s,
-        policy=deps.policy,
-    )
-    outcomes = report.outcomes + [
-        FetchOutcome(
-            FetchTarget(i.account_id, i.openid, i.zone_id),
-            "error",
-            clock.utcnow(),
-            errmsg=f"given up: {i.attempts - 1} batches died while fetching this account",
-        )
-        for i in given_up
-    ]
-
+    report = _fetch_batch(deps, started.items)
     fetched = time.monotonic()
     with db() as session:
-        held = repo.lock_held(session, run_id, [i.account_id for i in items], claim=claim)
-        mine = [o for o in outcomes if o.target.account_id in held]
-        stored = insert_snapshots(
-            session, run_id, business_date, [_snapshot_row(o, deps.api_version) for o in mine]
+        stored = _store_answers(session, deps, run_id, started, report.outcomes, claim)
+        result.released = _release_unfetched(
+            session, run_id, report.unfetched, stored.held, account_ids, claim
         )
-        by_account = {(s.openid, s.zone_id): s for s in stored}
-        repo.mark_done(
-            session,
-            run_id,
-            {
-                o.target.account_id: by_account[(o.target.openid, o.target.zone_id)].status
-                for o in mine
-            },
+        result.confirm_due = _reconcile_fresh(
+            session, deps, run_id, started.business_date, stored.snapshots
         )
-        cov_repo.record_answers(
-            session,
-            (
-                (o.target.account_id, o.status, o.fetched_at)
-                for o in mine
-                if by_account[o.target.openid, o.target.zone_id].new
-            ),
-        )
-        back = [t.account_id for t in report.unfetched if t.account_id in held]
-        repo.release(session, run_id, back)
-        repo.close_claim(session, run_id, account_ids, claim=claim)  # it holds nothing now
-        fresh_ok = [s.id for s in stored if s.new and s.status == "ok"]
-        if fresh_ok:
-            reconciled = reconcile_snapshots(
-                session,
-                fresh_ok,
-                checks=deps.checks,
-                settle_seconds=deps.settle_seconds,
-                skew=deps.skew,
-                now=clock.utcnow(),
-                business_date=business_date,
-            )
-            repo.add_mismatches_opened(session, run_id, reconciled.opened)
-            if reconciled.confirm_due:
-                result.confirm_due = max(due for *_, due in reconciled.confirm_due)
-        unobserved = [
-            (o.target.openid, o.target.zone_id, f"errcode {o.errcode or 'none'}")
-            for o in mine
-            if o.status == "unobservable" and by_account[o.target.openid, o.target.zone_id].new
-        ]
-        if unobserved:
-            park_unobserved(session, unobserved, now=clock.utcnow())
+        _park_fresh_unobserved(session, stored)
         if report.stopper is not None:
-            exc = report.stopper
-            result.stopped = describe(exc)
-            if exc.errcode is not None and str(exc.errcode) not in result.stopped:
-                result.stopped = f"errcode {exc.errcode}: {result.stopped}"
-            fail_run(session, run_id, result.stopped)
-    for s in stored:
-        if s.new:
-            SNAPSHOTS.labels(s.status).inc()
-    RUN_ITEMS_DONE.labels(kind).inc(len(mine))
-    result.done, result.released = len(mine), len(back)
+            result.stopped = _stop_run(session, run_id, report.stopper)
+    _count_stored(started.kind, stored)
+    result.done = len(stored.mine)
     log.info(
         "batch_stored",
         extra={
@@ -584,6 +520,163 @@ def run_batch(
         },
     )
     return result
+
+
+@dataclass(frozen=True, slots=True)
+class _Started:
+    """A batch whose run is running: its items, claimed by this message (maybe none)."""
+
+    kind: str
+    business_date: dt.date
+    items: Sequence[repo.ItemToFetch]
+
+
+@dataclass(frozen=True, slots=True)
+class _Stored:
+    """What the store step wrote: the answers of the items this batch still held."""
+
+    held: Container[int]  # account ids still claimed by this batch
+    mine: list[FetchOutcome]  # the outcomes of those accounts
+    snapshots: list[StoredSnapshot]  # the snapshot stored (or already there) for each
+    by_account: dict[tuple[str, str], StoredSnapshot]  # the same, by (openid, zone_id)
+
+    def is_new(self, outcome: FetchOutcome) -> bool:
+        """Its snapshot was inserted now (not by an earlier delivery of the batch)."""
+        return self.by_account[outcome.target.openid, outcome.target.zone_id].new
+
+
+def _start_batch(
+    session: Session, run_id: int, account_ids: Sequence[int], claim: dt.datetime
+) -> _Started | None:
+    """Start the items this message still holds; None when the run is gone or not running."""
+    run = repo.get_run(session, run_id)
+    if run is None or run.status != RunStatus.RUNNING:
+        return None
+    items = repo.start_items(session, run_id, account_ids, claim=claim)
+    if not items:  # a copy of a batch that stored, or whose claim was taken back
+        repo.close_claim(session, run_id, account_ids, claim=claim)
+    return _Started(run.kind, run.business_date, items)
+
+
+def _fetch_batch(deps: FetchDeps, items: Sequence[repo.ItemToFetch]) -> FetchReport:
+    """Ask Midas about the items (no transaction open); the given-up ones are errors unasked."""
+    # `attempts` counts this start too: the batches before it that died are one fewer.
+    given_up = [i for i in items if i.attempts - 1 >= MAX_BATCH_DEATHS]
+    targets = [_target(deps, i) for i in items if i.attempts - 1 < MAX_BATCH_DEATHS]
+    report = fetch_all(
+        deps.source,
+        targets,
+        threads=deps.threads,
+        deadline=time.monotonic() + deps.deadline_s,
+        policy=deps.policy,
+    )
+    given_up_outcomes = [
+        FetchOutcome(
+            FetchTarget(i.account_id, i.openid, i.zone_id),
+            SnapshotStatus.ERROR,
+            clock.utcnow(),
+            errmsg=f"given up: {i.attempts - 1} batches died while fetching this account",
+        )
+        for i in given_up
+    ]
+    return replace(report, outcomes=report.outcomes + given_up_outcomes)
+
+
+def _store_answers(
+    session: Session,
+    deps: FetchDeps,
+    run_id: int,
+    started: _Started,
+    outcomes: Sequence[FetchOutcome],
+    claim: dt.datetime,
+) -> _Stored:
+    """Store the snapshots of the items still held, mark them done, note the answers."""
+    held = repo.lock_held(session, run_id, [i.account_id for i in started.items], claim=claim)
+    mine = [o for o in outcomes if o.target.account_id in held]
+    snapshots = insert_snapshots(
+        session, run_id, started.business_date, [_snapshot_row(o, deps.api_version) for o in mine]
+    )
+    stored = _Stored(held, mine, snapshots, {(s.openid, s.zone_id): s for s in snapshots})
+    repo.mark_done(
+        session,
+        run_id,
+        {
+            o.target.account_id: stored.by_account[o.target.openid, o.target.zone_id].status
+            for o in mine
+        },
+    )
+    cov_repo.record_answers(
+        session, ((o.target.account_id, o.status, o.fetched_at) for o in mine if stored.is_new(o))
+    )
+    return stored
+
+
+def _release_unfetched(
+    session: Session,
+    run_id: int,
+    unfetched: Sequence[FetchTarget],
+    held: Container[int],
+    account_ids: Sequence[int],
+    claim: dt.datetime,
+) -> int:
+    """Give the held accounts not tried back to the plan and close the claim; how many."""
+    back = [t.account_id for t in unfetched if t.account_id in held]
+    repo.release(session, run_id, back)
+    repo.close_claim(session, run_id, account_ids, claim=claim)  # it holds nothing now
+    return len(back)
+
+
+def _reconcile_fresh(
+    session: Session,
+    deps: FetchDeps,
+    run_id: int,
+    business_date: dt.date,
+    snapshots: Sequence[StoredSnapshot],
+) -> dt.datetime | None:
+    """Compare the new `ok` snapshots with the ledger; the latest confirming re-fetch due."""
+    fresh_ok = [s.id for s in snapshots if s.new and s.status == SnapshotStatus.OK]
+    if not fresh_ok:
+        return None
+    reconciled = reconcile_snapshots(
+        session,
+        fresh_ok,
+        checks=deps.checks,
+        settle_seconds=deps.settle_seconds,
+        skew=deps.skew,
+        now=clock.utcnow(),
+        business_date=business_date,
+    )
+    repo.add_mismatches_opened(session, run_id, reconciled.opened)
+    if not reconciled.confirm_due:
+        return None
+    return max(due for *_, due in reconciled.confirm_due)
+
+
+def _park_fresh_unobserved(session: Session, stored: _Stored) -> None:
+    """Park the accounts newly found unobservable (no live session) for a later recheck."""
+    unobserved = [
+        (o.target.openid, o.target.zone_id, f"errcode {o.errcode or 'none'}")
+        for o in stored.mine
+        if o.status == SnapshotStatus.UNOBSERVABLE and stored.is_new(o)
+    ]
+    if unobserved:
+        park_unobserved(session, unobserved, now=clock.utcnow())
+
+
+def _stop_run(session: Session, run_id: int, stopper: RunStopper) -> str:
+    """Fail the run: every further call would fail too. Returns why."""
+    reason = describe(stopper)
+    if stopper.errcode is not None and str(stopper.errcode) not in reason:
+        reason = f"errcode {stopper.errcode}: {reason}"
+    fail_run(session, run_id, reason)
+    return reason
+
+
+def _count_stored(kind: str, stored: _Stored) -> None:
+    for s in stored.snapshots:
+        if s.new:
+            SNAPSHOTS.labels(s.status).inc()
+    RUN_ITEMS_DONE.labels(kind).inc(len(stored.mine))
 
 
 def _target(deps: FetchDeps, item: repo.ItemToFetch) -> FetchTarget:
