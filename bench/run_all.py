@@ -58,6 +58,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--memory-sizes", type=_ints, default=[10_000, 100_000], help="memory: accounts per run"
     )
+    p.add_argument(
+        "--memory-worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="memory: a variable for the worker (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
     p.add_argument("--sizes", type=_ints, default=[10_000, 100_000], help="scale: accounts per run")
     p.add_argument("--report-accounts", type=int, default=100_000, help="reports: accounts")
     p.add_argument("--console-accounts", type=int, default=1_000_000, help="console: accounts")
@@ -121,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "memory":
             from bench import pipeline
 
-            pipeline.memory(args.memory_sizes, out=args.out)
+            extra = dict(v.split("=", 1) for v in args.memory_worker_env)
+            pipeline.memory(args.memory_sizes, out=args.out, extra_env=extra)
         elif name == "scale":
             from bench import scale
 
