@@ -54,19 +54,22 @@ def current_ok_snapshots(
     """The `ok` snapshots among `snapshot_ids` that are their account's newest `ok` snapshot.
 
     An older snapshot (a redelivered task, a nightly fetch overtaken by a recheck) would move
-    cases backwards; the newest one speaks for the account. Uses the (openid, zone_id,
-    fetched_at) index of balance_snapshots for the "is there a newer one" probe.
+    cases backwards; the newest one speaks for the account.
+
+    The "is there a newer one" probe cannot be bounded to a month (a backfill of an old date
+    fetches into that date's partition after newer dates were fetched), so on Postgres it
+    descends the (openid, zone_id, fetched_at) index of every month kept. `fetched_at >=` as
+    a term of its own lets each descent stop at the snapshot's time instead of reading every
+    snapshot the account has in that month to test the OR (docs/benchmarks.md §3b).
     """
     newer = aliased(BalanceSnapshot)
     s = BalanceSnapshot
     superseded = exists().where(
         newer.openid == s.openid,
         newer.zone_id == s.zone_id,
+        newer.fetched_at >= s.fetched_at,
+        or_(newer.fetched_at > s.fetched_at, newer.id > s.id),
         newer.status == SnapshotStatus.OK,
-        or_(
-            newer.fetched_at > s.fetched_at,
-            and_(newer.fetched_at == s.fetched_at, newer.id > s.id),
-        ),
     )
     out: list[BalanceSnapshot] = []
     for chunk in _chunks(list(dict.fromkeys(snapshot_ids))):
