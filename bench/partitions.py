@@ -64,6 +64,14 @@ def seed_month(url: str, month: dt.date, accounts: int, nights: int) -> None:
         for k in range(nights):
             day = month + dt.timedelta(days=k * 7)  # weekly nights (fewer rows to seed)
             session.execute(text(SEED_NIGHT), {"day": day, "n": accounts})
+            # What the batches that stored the night would have noted (snapshot_months; the
+            # check lets the same script measure the code before it).
+            latest = session.execute(
+                text("SELECT max(fetched_at) FROM balance_snapshots WHERE business_date = :d"),
+                {"d": day},
+            ).scalar_one()
+            if hasattr(partitions, "note_fetched"):
+                partitions.note_fetched(session, day, latest)
 
 
 def newest_batches(session: Session, count: int) -> tuple[dt.date, list[list[int]]]:
