@@ -8,13 +8,12 @@ locks of the same batch (`lock_accounts_of_snapshots`, bounded by the run's date
 ledger intake's `accounts_compared_without` (once per intake, unbounded). Each is timed on
 batches of the newest night, then explained (`EXPLAIN (ANALYZE, BUFFERS)`) once.
 
-    python -m bench.partitions                     # 20,000 accounts, 4 nights a month
-    python -m bench.partitions --accounts 2000 --months 1,3   # small
+    python -m bench.run_all --only partitions       # 20,000 accounts, 4 nights a month
+    python -m bench.run_all --only partitions --part-accounts 2000 --part-months 1,3
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime as dt
 import statistics
 import time
@@ -220,17 +219,3 @@ def main(
             )
     write_result("partitions", figures, out=out)
     return figures
-
-
-def _ints(value: str) -> list[int]:
-    return [int(v) for v in value.split(",") if v]
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(prog="python -m bench.partitions", description=__doc__)
-    p.add_argument("--accounts", type=int, default=20_000)
-    p.add_argument("--months", type=_ints, default=[1, 12, 24])
-    p.add_argument("--nights", type=int, default=4, help="nights per month (weekly)")
-    p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args()
-    main(args.accounts, args.months, args.nights, out=args.out)
