@@ -204,13 +204,12 @@ def fetch_one(
 
 
 class FetchPool:
-    """The fetch threads of one process, kept from batch to batch.
+    """The fetch threads of one process, kept from batch to batch instead of 16 threads
+    started and stopped for every 200 accounts.
 
-    A pool per batch started and stopped 16 threads every 200 accounts; glibc gives each new
-    thread's allocations an arena of its own, and the arenas of threads that come and go kept
-    growing the process's RSS by ~0.15 KiB per account (docs/benchmarks.md §4). Threads that
-    live as long as the process reuse theirs. Made lazily and again after a fork: a child
-    inherits the executor but none of its threads.
+    (The RSS growth per account once suspected of those threads came from glibc's malloc
+    arenas, and MALLOC_ARENA_MAX=2 is what flattened it: docs/benchmarks.md §4.) Made lazily,
+    and again after a fork: a child inherits the executor but none of its threads.
     """
 
     def __init__(self, threads: int) -> None:
