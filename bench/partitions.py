@@ -5,8 +5,9 @@ The reads of `balance_snapshots` on a batch's path that have no `business_date` 
 visit every month's partition: the "is there a newer ok snapshot" probe of
 `current_ok_snapshots` (once per batch, one probe per snapshot). For comparison, the account
 locks of the same batch (`lock_accounts_of_snapshots`, bounded by the run's date), and the
-ledger intake's `accounts_compared_without` (once per intake, unbounded). Each is timed on
-batches of the newest night, then explained (`EXPLAIN (ANALYZE, BUFFERS)`) once.
+ledger scan's `accounts_compared_without` (once per scan tick with late rows, unbounded).
+Each is timed on batches of the newest night, then explained (`EXPLAIN (ANALYZE, BUFFERS)`)
+once.
 
     python -m bench.run_all --only partitions       # 20,000 accounts, 4 nights a month
     python -m bench.run_all --only partitions --part-accounts 2000 --part-months 1,3
