@@ -33,6 +33,7 @@ from bench.common import (
     proc_children,
     proc_status_kib,
     redis_db_bytes,
+    run_status,
     say,
     seed_world,
     start_run,
@@ -68,12 +69,14 @@ def postgres_cpu_s() -> float:
 class Sampler:
     """Every 0.2 s: the broker's bytes (MEMORY USAGE of our db) and the workers' RSS."""
 
-    def __init__(self, parent_pid: int) -> None:
+    def __init__(self, parent_pid: int, progress: Callable[[], int] | None = None) -> None:
         self.parent = parent_pid
         self.broker_peak = 0
         self.rss_peak_kib: dict[int, int] = {}
-        # (seconds since start, largest pool process's RSS in MiB), every ~5 s: growth or plateau
-        self.timeline: list[tuple[float, float]] = []
+        # (seconds since start, largest pool process's RSS in MiB, accounts done), every ~5 s:
+        # growth or plateau, and its slope per account.
+        self.timeline: list[tuple[float, float, int | None]] = []
+        self._progress = progress
         self._t0 = time.monotonic()
         self._stop = threading.Event()
         self._client = redis.Redis.from_url(REDIS_URL)
@@ -101,20 +104,40 @@ class Sampler:
                 continue
         now = time.monotonic() - self._t0
         if not self.timeline or now - self.timeline[-1][0] >= 5.0:
-            self.timeline.append((round(now, 1), round(current / 1024, 1)))
+            done = self._progress() if self._progress is not None else None
+            self.timeline.append((round(now, 1), round(current / 1024, 1), done))
 
     def _loop(self) -> None:
         while not self._stop.wait(0.2):
             self.sample()
 
 
-def celery_night(n: int, *, naive_n: int = 0, profile_n: int = 0) -> dict[str, Any]:
-    """A nightly run of n accounts on a fresh world through one Celery worker of 2 processes."""
+def rss_slope_kib_per_1000(timeline: list[tuple[float, float, int | None]], n: int) -> float | None:
+    """Least-squares slope of the largest pool process's RSS against the accounts done (of
+    the whole night), over the samples past the first 20% of it: KiB per 1,000 accounts."""
+    points = [(done, mib) for _t, mib, done in timeline if done is not None and done >= n / 5]
+    if len(points) < 3:
+        return None
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    if var == 0:
+        return None
+    cov = sum((x - mean_x) * (y - mean_y) for x, y in points)
+    return round(cov / var * 1024 * 1000, 3)
+
+
+def celery_night(
+    n: int, *, naive_n: int = 0, profile_n: int = 0, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """A nightly run of n accounts on a fresh world through one Celery worker of 2 processes
+    (`extra_env`: more variables for the worker, e.g. MALLOC_ARENA_MAX)."""
     from tests.orchestration.conftest import Procs
 
     out: dict[str, Any] = {"accounts": n, "ledger_rows_per_account": LEDGER_ROWS}
     with database() as url, SimProcess(n, LEDGER_ROWS) as sim:
         env = worker_env(url, REDIS_URL, sim.base_url, MIDAS_RATE_LIMIT=NO_LIMIT)
+        env.update(extra_env or {})
         seed_world(url, n, LEDGER_ROWS, env)
         flush_redis(REDIS_URL)
         with tempfile.TemporaryDirectory(prefix="bench-night-") as tmp:
@@ -127,7 +150,9 @@ def celery_night(n: int, *, naive_n: int = 0, profile_n: int = 0) -> dict[str, A
                     wait_ready(app, 1)
                     before = table_sizes(url)
                     cpu0, sim0, pg0 = tree_cpu_s(parent), sim.cpu_s(), postgres_cpu_s()
-                    with Sampler(parent) as sampler:
+                    run_id: int | None = None
+                    progress = lambda: 0 if run_id is None else run_status(url, run_id)[1]  # noqa: E731
+                    with Sampler(parent, progress) as sampler:
                         started = time.monotonic()
                         run_id, planned = start_run(url, dt.date(2026, 11, 21))
                         assert planned == n, (planned, n)
@@ -149,6 +174,8 @@ def celery_night(n: int, *, naive_n: int = 0, profile_n: int = 0) -> dict[str, A
             worker_parent_peak_rss_mib=round(sampler.rss_peak_kib.get(parent, 0) / 1024, 1),
             broker_peak_bytes=sampler.broker_peak,
             worker_rss_timeline_mib=sampler.timeline,
+            worker_rss_slope_kib_per_1000_accounts=rss_slope_kib_per_1000(sampler.timeline, n),
+            worker_extra_env=extra_env or {},
             rows_per_account={
                 t: round((after[t][0] - before[t][0]) / n, 3) for t in after if t in before
             },
@@ -382,10 +409,12 @@ def main(n: int, *, naive_n: int, profile_n: int, out: Path | None = None) -> di
     return night
 
 
-def memory(sizes: list[int], out: Path | None = None) -> dict[str, Any]:
+def memory(
+    sizes: list[int], out: Path | None = None, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for n in sizes:
-        night = celery_night(n)
+        night = celery_night(n, extra_env=extra_env)
         flush_redis(REDIS_URL)
         runs[str(n)] = {
             k: night[k]
@@ -396,9 +425,16 @@ def memory(sizes: list[int], out: Path | None = None) -> dict[str, Any]:
                 "worker_parent_peak_rss_mib",
                 "broker_peak_bytes",
                 "worker_rss_timeline_mib",
+                "worker_rss_slope_kib_per_1000_accounts",
+                "worker_extra_env",
             )
         }
-        say("memory", f"{n} accounts: worker peak RSS {night['worker_peak_rss_mib']} MiB")
+        say(
+            "memory",
+            f"{n} accounts: worker peak RSS {night['worker_peak_rss_mib']} MiB (parent "
+            f"{night['worker_parent_peak_rss_mib']} MiB), slope "
+            f"{night['worker_rss_slope_kib_per_1000_accounts']} KiB per 1,000 accounts",
+        )
     peaks = [r["worker_peak_rss_mib"] for r in runs.values()]
     figures = {
         "runs": runs,

@@ -26,6 +26,7 @@ BENCHMARKS = (
     "reports",
     "console",
     "planning",
+    "partitions",
 )  # pipeline writes naive too
 
 
@@ -58,6 +59,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--memory-sizes", type=_ints, default=[10_000, 100_000], help="memory: accounts per run"
     )
+    p.add_argument(
+        "--memory-worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="memory: a variable for the worker (repeatable), e.g. MALLOC_ARENA_MAX=2",
+    )
     p.add_argument("--sizes", type=_ints, default=[10_000, 100_000], help="scale: accounts per run")
     p.add_argument("--report-accounts", type=int, default=100_000, help="reports: accounts")
     p.add_argument("--console-accounts", type=int, default=1_000_000, help="console: accounts")
@@ -73,6 +81,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--week-accounts", type=int, default=3_000_000, help="planning: the modelled game"
     )
     p.add_argument("--plan-rate", type=float, default=50.0, help="planning: MIDAS_RATE_LIMIT")
+    p.add_argument("--part-accounts", type=int, default=20_000, help="partitions: accounts")
+    p.add_argument(
+        "--part-months", type=_ints, default=[1, 12, 24], help="partitions: months holding rows"
+    )
+    p.add_argument("--part-nights", type=int, default=4, help="partitions: nights a month")
     args = p.parse_args(argv)
     if args.smoke:
         # 0.05/s holds 895 accounts a night: the 2,000 take three nights to see.
@@ -82,6 +95,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.accounts, args.naive_accounts, args.profile_accounts = 300, 100, 200
         args.memory_sizes, args.sizes, args.report_accounts = [150], [200, 400], 200
         args.console_accounts, args.console_cases, args.console_repeat = 3_000, 600, 3
+        args.part_accounts, args.part_months, args.part_nights = 1_000, [1, 2], 2
     unknown = set(args.only.split(",")) - set(BENCHMARKS)
     if unknown:
         p.error(f"unknown benchmarks: {', '.join(sorted(unknown))}")
@@ -121,7 +135,8 @@ def main(argv: list[str] | None = None) -> None:
         elif name == "memory":
             from bench import pipeline
 
-            pipeline.memory(args.memory_sizes, out=args.out)
+            extra = dict(v.split("=", 1) for v in args.memory_worker_env)
+            pipeline.memory(args.memory_sizes, out=args.out, extra_env=extra)
         elif name == "scale":
             from bench import scale
 
@@ -144,6 +159,10 @@ def main(argv: list[str] | None = None) -> None:
             from bench import planning
 
             planning.main(args.plan_sizes, args.week_accounts, rate=args.plan_rate, out=args.out)
+        elif name == "partitions":
+            from bench import partitions
+
+            partitions.main(args.part_accounts, args.part_months, args.part_nights, out=args.out)
         print(f"== {name}: {time.monotonic() - started:.0f} s ==", flush=True)
 
 

@@ -55,6 +55,7 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
     res = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert set(res) == {
         "rate", "pipeline", "naive", "memory", "scale", "reports", "console", "planning",
+        "partitions",
     }  # fmt: skip
     for data in res.values():
         assert data["machine"]["nproc"] >= 1 and data["command"].startswith("python -m bench")
@@ -89,6 +90,12 @@ def test_smoke_run_writes_sane_figures(tmp_path: Path, redis_url: str) -> None:
     assert slow["errors"] == 0 and slow["accounts_differing"] == mismatched(slow["accounts"])
     # One account at a time waits out every answer: never faster than 1 / 50 ms.
     assert 0 < slow["accounts_per_s"] <= 20
+
+    by_months = res["partitions"]["figures"]["by_months"]
+    assert set(by_months) == {"1", "2"}
+    for months in by_months.values():
+        assert months["current_ok_snapshots"]["median_ms"] > 0
+        assert "Execution Time" in months["explain"]["current_ok_snapshots"][-1]
 
     memory = res["memory"]["figures"]["runs"]
     assert memory and all(20 < r["worker_peak_rss_mib"] < 2000 for r in memory.values())

@@ -177,6 +177,11 @@ def test_worker_outwaits_its_longest_task_and_logs_rotate() -> None:
         assert logging["options"]["max-size"] and int(logging["options"]["max-file"]) >= 2
 
 
+def test_the_worker_keeps_two_malloc_arenas() -> None:
+    # Without it the pool processes' RSS grew with the accounts fetched (docs/benchmarks.md §4).
+    assert SERVICES["worker"]["environment"]["MALLOC_ARENA_MAX"] == "2"
+
+
 def test_two_beats_and_one_worker_command() -> None:
     from worker.celery_app import QUEUES, app
 

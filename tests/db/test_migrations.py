@@ -471,7 +471,7 @@ def test_partitioning_and_back_keeps_every_snapshot_id_and_view(
         before = _snapshot_state(engine)
         assert len(before[0]) == 7 and len(before[2][0]) == 4  # the views see every run
 
-        migrate.upgrade(url, "20261204_0009")
+        migrate.upgrade(url)  # 0009, then 0010 (snapshot_months)
         assert _snapshot_state(engine) == before
         with engine.connect() as conn:
             dated = conn.execute(
@@ -491,6 +491,18 @@ def test_partitioning_and_back_keeps_every_snapshot_id_and_view(
                 "balance_snapshots_2027_01": 0,
                 "balance_snapshots_2027_02": 0,
             }
+            # 0010: every partition has its month's row, at the upgrade's time (later than
+            # anything in it was fetched).
+            with engine.connect() as conn:
+                months = dict(
+                    conn.execute(text("SELECT month, fetched_until FROM snapshot_months")).all()
+                )
+                newest = conn.execute(text("SELECT max(fetched_at) FROM balance_snapshots"))
+                latest = newest.scalar_one()
+            assert sorted(m.isoformat()[:7] for m in months) == [
+                "2026-09", "2026-10", "2026-11", "2026-12", "2027-01", "2027-02"
+            ]  # fmt: skip
+            assert all(until > latest for until in months.values())
         migrate.check(url)
         # The ids go on after the copied ones.
         with session_scope(url) as session:

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 
 from worker.db.models import BalanceSnapshot, LedgerEntry, Run
 from worker.db.session import engine_for
+from worker.db.snapshots import SnapshotRow, insert_snapshots
 
 T0 = dt.datetime(2026, 11, 24, 18, 30, tzinfo=dt.UTC)  # 02:30 in Asia/Shanghai
 SETTLE = 300
@@ -92,28 +93,30 @@ class Books:
         off: Mapping[str, int] | None = None,
         run: Run | None = None,
     ) -> BalanceSnapshot:
-        """A snapshot fetched at `at`: agreeing with the ledger, shifted by `off` per counter."""
+        """A snapshot fetched at `at`: agreeing with the ledger, shifted by `off` per counter.
+
+        Stored the way a batch stores it (`insert_snapshots`), which on Postgres also notes
+        the month's latest fetch that the "is there a newer snapshot" probe reads."""
         run = run or self.run()
-        values: dict[str, int | bool | None] = {}
+        values: dict[str, int | bool] = {}
         if status == "ok":
             counters = self.agreeing(openid, at, zone_id)
             for name, delta in (off or {}).items():
                 counters[name] += delta
             values = {**counters, "first_save": counters["save_sum"] > 0}
-        snap = BalanceSnapshot(
-            run_id=run.id,
-            business_date=run.business_date,
-            openid=openid,
-            zone_id=zone_id,
-            fetched_at=at,
-            status=status,
+        row = SnapshotRow(
+            openid,
+            zone_id,
+            at,
+            status,
+            "v1",
             errcode=None if status == "ok" else -1,
             errmsg=None if status == "ok" else "system error",
-            api_version="v1",
-            **values,
+            values=tuple(values.items()),
         )
-        self.session.add(snap)
-        self.session.flush()
+        (stored,) = insert_snapshots(self.session, run.id, run.business_date, [row])
+        snap = self.session.get(BalanceSnapshot, (stored.id, run.business_date))
+        assert snap is not None
         return snap
 
 

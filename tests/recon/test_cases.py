@@ -459,8 +459,9 @@ def test_a_batch_costs_the_same_few_queries_however_many_accounts(books: Books) 
         return len(seen)
 
     small, large = statements_for(3, "a"), statements_for(60, "b")
-    # account locks, current snapshots, ledger totals, open cases (locked)
-    assert small == large == 4
+    # account locks, the months that can hold newer snapshots, current snapshots, ledger
+    # totals, open cases (locked)
+    assert small == large == 5
 
 
 def test_two_workers_opening_the_same_case_do_not_crash(db_url: str) -> None:

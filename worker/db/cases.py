@@ -11,9 +11,10 @@ import datetime as dt
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Table, and_, exists, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, Table, and_, exists, false, func, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
+from worker.db import partitions
 from worker.db.models import Account, BalanceSnapshot, MismatchCase, MismatchEvent
 from worker.db.session import dialect_insert
 from worker.vocabulary import OPEN_CASE_STATUSES, CaseStatus, SnapshotStatus
@@ -54,28 +55,59 @@ def current_ok_snapshots(
     """The `ok` snapshots among `snapshot_ids` that are their account's newest `ok` snapshot.
 
     An older snapshot (a redelivered task, a nightly fetch overtaken by a recheck) would move
-    cases backwards; the newest one speaks for the account. Uses the (openid, zone_id,
-    fetched_at) index of balance_snapshots for the "is there a newer one" probe.
+    cases backwards; the newest one speaks for the account.
+
+    The "is there a newer one" probe uses the (openid, zone_id, fetched_at) index. On
+    Postgres it reads only the months that may hold a snapshot fetched after the batch's
+    (`snapshot_months`): a backfill of an old date fetches into that date's month after newer
+    dates were fetched, so the run's month alone would not do, and every month kept would
+    cost one index descent per snapshot (docs/benchmarks.md §3b). The months are read in a
+    statement of their own: a batch storing a newer snapshot of one of these accounts
+    meanwhile cannot commit before this transaction does (the account locks taken first,
+    `lock_accounts_of_snapshots`), so both statements miss it alike.
     """
     newer = aliased(BalanceSnapshot)
     s = BalanceSnapshot
-    superseded = exists().where(
-        newer.openid == s.openid,
-        newer.zone_id == s.zone_id,
-        newer.status == SnapshotStatus.OK,
-        or_(
-            newer.fetched_at > s.fetched_at,
-            and_(newer.fetched_at == s.fetched_at, newer.id > s.id),
-        ),
-    )
     out: list[BalanceSnapshot] = []
     for chunk in _chunks(list(dict.fromkeys(snapshot_ids))):
-        query = select(s).where(
-            _snapshots_by_id(chunk, business_date), s.status == SnapshotStatus.OK, ~superseded
+        found = _snapshots_by_id(chunk, business_date)
+        superseded = exists().where(
+            newer.openid == s.openid,
+            newer.zone_id == s.zone_id,
+            # A term of its own, so that each descent starts at the snapshot's time instead
+            # of reading the account's every snapshot in the month to test the OR.
+            newer.fetched_at >= s.fetched_at,
+            or_(newer.fetched_at > s.fetched_at, newer.id > s.id),
+            newer.status == SnapshotStatus.OK,
+            *_in_months_fetched_since(session, newer, found),
         )
+        query = select(s).where(found, s.status == SnapshotStatus.OK, ~superseded)
         out.extend(session.scalars(query))
     out.sort(key=lambda snap: snap.id)
     return out
+
+
+def _in_months_fetched_since(
+    session: Session, newer: Any, found: ColumnElement[bool]
+) -> list[ColumnElement[bool]]:
+    """On Postgres: `newer.business_date` within the months that may hold a snapshot fetched
+    after the earliest of `found` (no month: nothing is newer). SQLite: no bound."""
+    if not partitions.partitioned(session):
+        return []
+    earliest = select(func.min(BalanceSnapshot.fetched_at)).where(found).scalar_subquery()
+    months = partitions.months_fetched_since(session, earliest)
+    return [
+        or_(
+            false(),
+            *(
+                and_(
+                    newer.business_date >= month,
+                    newer.business_date < partitions.add_months(month, 1),
+                )
+                for month in months
+            ),
+        )
+    ]
 
 
 def lock_accounts_of_snapshots(

@@ -270,6 +270,20 @@ class RunDeferral(Base):
     accounts: Mapped[int] = mapped_column(Integer)
 
 
+class SnapshotMonth(Base):
+    """The latest fetch time stored in a month of `balance_snapshots` (Postgres), so that "is
+    there a newer snapshot" reads only the months that can hold one (worker/db/partitions.py).
+
+    Kept within `partitions.FETCH_SLACK` of the truth: no snapshot of the month was fetched
+    later than `fetched_until + FETCH_SLACK`.
+    """
+
+    __tablename__ = "snapshot_months"
+
+    month: Mapped[dt.date] = mapped_column(Date, primary_key=True)  # first day of the month
+    fetched_until: Mapped[dt.datetime]
+
+
 class BalanceSnapshot(Base):
     """What Midas said, insert-only; finance queries this table (PRODUCT.md §4).
 

@@ -12,15 +12,32 @@ import datetime as dt
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final, cast
 
-from sqlalchemy import Connection, distinct, func, select, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Interval,
+    Table,
+    distinct,
+    func,
+    literal,
+    select,
+    text,
+)
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from worker.db.models import BalanceSnapshot, MismatchCase, MismatchEvent
+from worker.db.models import BalanceSnapshot, MismatchCase, MismatchEvent, SnapshotMonth
 from worker.vocabulary import OPEN_CASE_STATUSES
 
 PARENT: Final = "balance_snapshots"
+# How far behind its month's latest fetch `snapshot_months.fetched_until` may be: a batch
+# writes the row only when its fetches are this much later than the row says (about once an
+# hour per month), every other batch only reads it.
+FETCH_SLACK: Final = dt.timedelta(hours=1)
+_months = cast(Table, SnapshotMonth.__table__)
 _NAME = re.compile(r"^balance_snapshots_(\d{4})_(\d{2})$")
 # Any fixed number: two processes creating the same month one after the other, not at once
 # (concurrent CREATE TABLE IF NOT EXISTS of one name can still fail on the catalog's keys).
@@ -78,6 +95,43 @@ def ensure_months(bind: Session | Connection, months: Iterable[dt.date]) -> list
         )
         created.append(name)
     return created
+
+
+def note_fetched(session: Session, business_date: dt.date, latest: dt.datetime) -> None:
+    """Snapshots fetched up to `latest` are being stored in `business_date`'s month (Postgres).
+
+    Most batches only read the row: it is within FETCH_SLACK. When it is behind, it is moved
+    in a transaction of its own, committed before the snapshots' (so a reader that sees them
+    sees it): a write in the batch's transaction would hold the row locked until that
+    transaction ends, and every other batch storing into the month would wait for it.
+    """
+    month = month_of(business_date)
+    until = session.execute(
+        select(_months.c.fetched_until).where(_months.c.month == month)
+    ).scalar_one_or_none()
+    if until is not None and until >= latest - FETCH_SLACK:
+        return
+    new = insert(_months).values(month=month, fetched_until=latest)
+    stmt = new.on_conflict_do_update(
+        index_elements=[_months.c.month],
+        set_={"fetched_until": new.excluded.fetched_until},
+        where=_months.c.fetched_until < new.excluded.fetched_until,
+    )
+    bind = session.get_bind()
+    engine = bind if isinstance(bind, Engine) else bind.engine
+    with engine.begin() as conn:
+        conn.execute(stmt)
+
+
+def months_fetched_since(session: Session, since: ColumnElement[Any]) -> list[dt.date]:
+    """The months that may hold a snapshot fetched after `since` (a value or a scalar
+    subquery), oldest first."""
+    query = (
+        select(_months.c.month)
+        .where(_months.c.fetched_until >= since - literal(FETCH_SLACK, Interval()))
+        .order_by(_months.c.month)
+    )
+    return list(session.execute(query).scalars())
 
 
 def _exists(bind: Session | Connection, name: str) -> bool:

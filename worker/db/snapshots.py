@@ -17,6 +17,7 @@ from typing import cast
 from sqlalchemy import Table, select, tuple_
 from sqlalchemy.orm import Session
 
+from worker.db import partitions
 from worker.db.models import BalanceSnapshot
 from worker.db.session import dialect_insert
 from worker.midas.types import COUNTER_FIELDS
@@ -106,6 +107,9 @@ def insert_snapshots(
         (r.openid, r.zone_id): StoredSnapshot(int(r.id), r.openid, r.zone_id, r.status, True)
         for r in session.execute(stmt, params)
     }
+    if stored and partitions.partitioned(session):  # `stored` holds the inserted rows so far
+        latest = max(r.fetched_at for r in rows if (r.openid, r.zone_id) in stored)
+        partitions.note_fetched(session, business_date, latest)
     missing = [(r.openid, r.zone_id) for r in rows if (r.openid, r.zone_id) not in stored]
     if missing:
         existing = session.execute(

@@ -51,6 +51,7 @@ from worker.recon.cases import (
 from worker.recon.fetch import (
     BalanceSource,
     FetchOutcome,
+    FetchPool,
     FetchReport,
     FetchTarget,
     RetryPolicy,
@@ -443,6 +444,11 @@ class FetchDeps:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     # What a waiting nightly is planned with when this process's pump starts it (drive).
     settings: Settings | None = None
+    # `threads` fetch threads that serve every batch of this process (made on first use).
+    pool: FetchPool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.pool = FetchPool(self.threads)
 
     @classmethod
     def from_settings(
@@ -566,7 +572,7 @@ def _fetch_batch(deps: FetchDeps, items: Sequence[repo.ItemToFetch]) -> FetchRep
     report = fetch_all(
         deps.source,
         targets,
-        threads=deps.threads,
+        pool=deps.pool,
         deadline=time.monotonic() + deps.deadline_s,
         policy=deps.policy,
     )
