@@ -120,11 +120,33 @@ def timing(
             "wake_minus_sched": percentiles_ms([c[1] - c[0] for c in client]),
             "send_minus_wake": percentiles_ms([c[2] - c[1] for c in client]),
         },
+        # A request later than the one N grants after it by more than the margin puts N + 1
+        # into one second: how many were late by more than these (ms) after their slot.
+        "send_minus_sched_above_ms": {
+            str(ms): sum(1 for c in client if c[2] - c[0] > ms / 1000) for ms in LATE_MS
+        },
         "client_requests": len(client),
         "rescheduled": sum(c[3] for c in client),
         "max_in_any_1s_at_send": max_per_window(sends),
         "max_in_any_1s_of_schedule": max_per_window([c[0] for c in client]),
+        # The tightest N + 1 consecutive events (more than 1 s: within the limit); the schedule's
+        # is 1 s + the margin where it was full, the rest is what the lags took of the margin.
+        "tightest_n_plus_1_span_s": {
+            "schedule": tightest_span([c[0] for c in client], limit),
+            "send": tightest_span(sends, limit),
+            "kernel": tightest_span([k for k, _ in stamps if k is not None], limit),
+            "handler": tightest_span(handler, limit),
+        },
     }
+
+
+LATE_MS = (5, 10, 15, 20, 25, 30, 50)
+
+
+def tightest_span(times: list[float], limit: float) -> float | None:
+    ts = sorted(times)
+    n = max(1, int(limit))
+    return round(min(ts[i + n] - ts[i] for i in range(len(ts) - n)), 4) if len(ts) > n else None
 
 
 # Figures that need a wall time or answers: not repeated for the second clock.
