@@ -38,9 +38,11 @@ from bench.common import (
     database,
     environment,
     flush_redis,
+    machine_cpu_s,
     percentiles_ms,
     say,
     seed_world,
+    tree_cpu_s,
     wait_ready,
     wait_run,
     windows_above,
@@ -153,6 +155,13 @@ def tightest_span(times: list[float], limit: float) -> float | None:
 WALL_ONLY = ("wall_s", "non_ok_answers", "requests", "span_s")
 
 
+def _cpu(procs: Any, sim: SimProcess) -> tuple[float, float, float, float]:
+    """CPU seconds so far: machine busy, machine all, the workers' trees, the simulator."""
+    busy, total = machine_cpu_s()
+    workers = sum(tree_cpu_s(p.pid) for p in procs.procs.values())
+    return busy, total, workers, sim.cpu_s()
+
+
 def run_ours(
     url: str, sim: SimProcess, env: dict[str, str], n: int, workers: int, folder: Path
 ) -> dict[str, Any]:
@@ -170,19 +179,31 @@ def run_ours(
 
             wait_ready(app, workers)
             sim.reset_stats()
+            cpu_before = _cpu(procs, sim)
             started = time.monotonic()
             run_id, planned = start_run(url, dt.date(2026, 11, 20))
             assert planned == n, (planned, n)
             finished = wait_run(url, run_id, timeout=60 + 4 * n / float(env["MIDAS_RATE_LIMIT"]))
+            cpu_after = _cpu(procs, sim)
+            cpu = [after - before for before, after in zip(cpu_before, cpu_after, strict=True)]
     finally:
         procs.stop_all()
+    wall = finished - started
     limit = float(env["MIDAS_RATE_LIMIT"])
     stamps = sim.arrival_stamps()
     kernel = sorted(k for k, _ in stamps if k is not None)
     return {
         "margin_s": float(env.get("MIDAS_RATE_MARGIN_S", "nan")),
         "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
-        **figures(kernel, limit, finished - started, _errors(sim.stats())),
+        # Cores used during the run (of nproc): the whole machine (others' work included), the
+        # worker processes with their pools, the simulator.
+        "cores_busy": {
+            "machine": round(cpu[0] / wall, 2),
+            "of": round(cpu[1] / wall, 2),
+            "workers": round(cpu[2] / wall, 2),
+            "simulator": round(cpu[3] / wall, 2),
+        },
+        **figures(kernel, limit, wall, _errors(sim.stats())),
         **timing(stamps, _client_records(REDIS_URL), limit),
     }
 
