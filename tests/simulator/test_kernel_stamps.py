@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import sys
-import threading
 import time
 
 import pytest
@@ -106,12 +105,21 @@ def test_kernel_stamps_keep_the_api_and_are_off_by_default() -> None:
 @pytest.mark.integration
 def test_stop_wakes_a_handler_waiting_in_the_peek() -> None:
     sim = start(SimConfig(kernel_stamps=True))
+    httpd = sim._httpd
+    assert httpd is not None
     conn = socket.create_connection(("127.0.0.1", sim.port))
     try:
-        time.sleep(0.1)  # the handler is now blocked peeking at an idle kept-alive connection
-        stopper = threading.Thread(target=sim.stop)
-        stopper.start()
-        stopper.join(timeout=5)
-        assert not stopper.is_alive()
+        deadline = time.monotonic() + 5
+        while not httpd._open and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(httpd._open) == 1  # its handler now waits in the peek, on an idle connection
+        sim.stop()
+        # The handler left the peek and finished (it untracks its connection last).
+        deadline = time.monotonic() + 5
+        while httpd._open and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not httpd._open
+        conn.settimeout(5)
+        assert conn.recv(1) == b""  # and the client sees the connection end
     finally:
         conn.close()
