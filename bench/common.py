@@ -264,10 +264,14 @@ def seed_world(url: str, n: int, k: int, env: dict[str, str], *, with_keys: bool
 # -- the simulator in a process of its own ------------------------------------------------------
 
 
-def _serve(n: int, k: int, latency_ms: float, conn: Any) -> None:
+def _serve(n: int, k: int, latency_ms: float, conn: Any, kernel_stamps: bool = False) -> None:
     from worker.simulator import SimConfig, Simulator
 
-    sim = Simulator(SimConfig(latency_ms=latency_ms, max_recorded_arrivals=3_000_000))
+    sim = Simulator(
+        SimConfig(
+            latency_ms=latency_ms, max_recorded_arrivals=3_000_000, kernel_stamps=kernel_stamps
+        )
+    )
     for i in range(1, n + 1):
         save, present, cost = midas_counters(i, k)
         sim.add_player(
@@ -283,10 +287,14 @@ class SimProcess:
     """worker.simulator.Simulator with the world's players, in a child process, so that its
     CPU is its own; statistics through its control endpoints."""
 
-    def __init__(self, n: int, k: int, *, latency_ms: float = 0.0) -> None:
+    def __init__(
+        self, n: int, k: int, *, latency_ms: float = 0.0, kernel_stamps: bool = False
+    ) -> None:
         ctx = multiprocessing.get_context("spawn")
         self._conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_serve, args=(n, k, latency_ms, child), daemon=True)
+        self.proc = ctx.Process(
+            target=_serve, args=(n, k, latency_ms, child, kernel_stamps), daemon=True
+        )
         self.proc.start()
         if not self._conn.poll(120):
             raise RuntimeError("the simulator did not start")
@@ -303,6 +311,10 @@ class SimProcess:
 
     def arrivals(self, prefix: str = GETBALANCE) -> list[float]:
         return [float(t) for t in self._get("arrivals", path_prefix=prefix)]
+
+    def arrival_stamps(self) -> list[tuple[float | None, float]]:
+        """(kernel receive, handler) per Midas arrival, unix seconds (`kernel_stamps`)."""
+        return [(k, float(h)) for k, h in self._get("arrival_stamps")]
 
     def reset_stats(self) -> None:
         self.http.post(f"{self.base_url}/__sim/reset_stats", timeout=10).raise_for_status()
@@ -325,6 +337,13 @@ class SimProcess:
 
 
 # -- /proc --------------------------------------------------------------------------------------
+
+
+def machine_cpu_s() -> tuple[float, float]:
+    """(busy, all) CPU seconds of the whole machine since boot, over every core (/proc/stat)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle + iowait
+    return (sum(ticks) - idle) / CLK_TCK, sum(ticks) / CLK_TCK
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -468,6 +487,24 @@ def wait_run(url: str, run_id: int, timeout: float, every: float = 0.1) -> float
         time.sleep(every)
     status, done = run_status(url, run_id)
     raise RuntimeError(f"run {run_id} still {status} after {timeout:.0f} s ({done} done)")
+
+
+def percentiles_ms(values: list[float]) -> dict[str, float]:
+    """p50, p90, p99, p99.9 and max of durations in seconds, in ms (empty: {})."""
+    s = sorted(values)
+    if not s:
+        return {}
+
+    def at(q: float) -> float:
+        return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 2)
+
+    return {
+        "p50_ms": at(0.5),
+        "p90_ms": at(0.9),
+        "p99_ms": at(0.99),
+        "p999_ms": at(0.999),
+        "max_ms": round(s[-1] * 1000, 2),
+    }
 
 
 def windows_above(times: list[float], limit: float) -> dict[str, int]:

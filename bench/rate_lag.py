@@ -10,8 +10,10 @@ the moment the Redis schedule reserved for it and the moment the simulator count
 - ``send``: the request's first bytes go into the socket (``send - wake``: signing, requests,
   the connection pool, a new TCP connection, the GIL). On loopback the kernel hands the bytes
   to the server's socket inside this very call, so ``send`` is the arrival at the host;
-- ``sim``: the simulator's handler thread counts it (``sim - send``: the simulator's own
-  scheduling, i.e. the arrival *measurement*).
+- ``kernel``: the kernel received the request's first bytes at the simulator's socket
+  (SO_TIMESTAMPNS; ``kernel - send``: ~0 on loopback);
+- ``sim``: the simulator's handler thread counts it (``sim - kernel``: the simulator's own
+  scheduling, i.e. the arrival *measurement*, which a remote Midas would not add).
 
 P processes x T threads call the production `MidasClient.get_balance` through a `RedisLimiter`
 (the production classes, patched from outside only to read these clocks: nothing in `worker/`
@@ -40,6 +42,7 @@ from bench.common import (
     flush_redis,
     midas_counters,
     openid,
+    percentiles_ms,
     session_key,
 )
 
@@ -56,7 +59,7 @@ def _serve(n: int, latency_ms: float, conn: Any, switch_s: float) -> None:  # pr
 
     sys.setswitchinterval(switch_s)
 
-    stamps: dict[str, tuple[float, float]] = {}
+    stamps: dict[str, tuple[float, float, float | None]] = {}
     local = threading.local()
     parse = server._Handler.parse_request
     api = server._Handler._api
@@ -72,12 +75,14 @@ def _serve(n: int, latency_ms: float, conn: Any, switch_s: float) -> None:  # pr
         except (ValueError, KeyError, TypeError):
             oid = ""
         if oid and oid not in stamps:
-            stamps[oid] = (local.parsed, counted)
+            stamps[oid] = (local.parsed, counted, self.kernel_at)
         api(self, method, path, query, body)
 
     server._Handler.parse_request = parse_request  # type: ignore[method-assign]
     server._Handler._api = _api  # type: ignore[method-assign]
-    sim = Simulator(SimConfig(latency_ms=latency_ms, max_recorded_arrivals=3_000_000))
+    sim = Simulator(
+        SimConfig(latency_ms=latency_ms, max_recorded_arrivals=3_000_000, kernel_stamps=True)
+    )
     for i in range(1, n + 1):
         save, present, cost = midas_counters(i, LEDGER_ROWS)
         sim.add_player(
@@ -207,23 +212,6 @@ def _hog(stop: Any) -> None:  # pragma: no cover - child process
 # -- the figures ----------------------------------------------------------------------------
 
 
-def _pct(values: list[float]) -> dict[str, float]:
-    s = sorted(values)
-    if not s:
-        return {}
-
-    def at(q: float) -> float:
-        return round(s[min(len(s) - 1, int(q * len(s)))] * 1000, 2)
-
-    return {
-        "p50_ms": at(0.5),
-        "p90_ms": at(0.9),
-        "p99_ms": at(0.99),
-        "p999_ms": at(0.999),
-        "max_ms": round(s[-1] * 1000, 2),
-    }
-
-
 def _windows(times: list[float], rate: float) -> dict[str, Any]:
     from worker.simulator import max_per_window
 
@@ -235,6 +223,7 @@ def _windows(times: list[float], rate: float) -> dict[str, Any]:
 
 def analyse(records: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     done = [r for r in records if r["send"] is not None and "sim" in r]
+    kernel = [r for r in done if r["kernel"] is not None]
     sched = sorted(r["sched"] for r in done)
     span = sched[-1] - sched[0] if len(sched) > 1 else 0.0
     sends = sorted(r["send"] for r in done)
@@ -242,6 +231,7 @@ def analyse(records: list[dict[str, Any]], rate: float) -> dict[str, Any]:
     return {
         "requests": len(done),
         "rescheduled": sum(r["rescheduled"] for r in records),
+        "without_kernel_stamp": len(done) - len(kernel),
         "new_connections": sum(1 for r in done if r["new_conn"]),
         "outcomes": {
             o: sum(1 for r in done if r["outcome"] == o) for o in {r["outcome"] for r in done}
@@ -249,23 +239,27 @@ def analyse(records: list[dict[str, Any]], rate: float) -> dict[str, Any]:
         "utilisation_at_send": round((len(sends) - 1) / send_span / rate, 4) if send_span else 0,
         "utilisation_of_schedule": round((len(sched) - 1) / span / rate, 4) if span else 0,
         "lag_ms": {
-            "wake_minus_sched": _pct([r["wake"] - r["sched"] for r in done]),
-            "send_minus_wake": _pct([r["send"] - r["wake"] for r in done]),
-            "post_minus_wake": _pct([r["post"] - r["wake"] for r in done]),
-            "send_minus_post": _pct([r["send"] - r["post"] for r in done]),
-            "send_minus_wake_new_conn": _pct(
+            "wake_minus_sched": percentiles_ms([r["wake"] - r["sched"] for r in done]),
+            "send_minus_wake": percentiles_ms([r["send"] - r["wake"] for r in done]),
+            "post_minus_wake": percentiles_ms([r["post"] - r["wake"] for r in done]),
+            "send_minus_post": percentiles_ms([r["send"] - r["post"] for r in done]),
+            "send_minus_wake_new_conn": percentiles_ms(
                 [r["send"] - r["wake"] for r in done if r["new_conn"]]
             ),
-            "sim_parse_minus_send": _pct([r["parse"] - r["send"] for r in done]),
-            "sim_count_minus_send": _pct([r["sim"] - r["send"] for r in done]),
-            "send_minus_sched": _pct([r["send"] - r["sched"] for r in done]),
-            "sim_count_minus_sched": _pct([r["sim"] - r["sched"] for r in done]),
+            "sim_parse_minus_send": percentiles_ms([r["parse"] - r["send"] for r in done]),
+            "sim_count_minus_send": percentiles_ms([r["sim"] - r["send"] for r in done]),
+            "send_minus_sched": percentiles_ms([r["send"] - r["sched"] for r in done]),
+            "sim_count_minus_sched": percentiles_ms([r["sim"] - r["sched"] for r in done]),
+            "kernel_minus_send": percentiles_ms([r["kernel"] - r["send"] for r in kernel]),
+            "sim_count_minus_kernel": percentiles_ms([r["sim"] - r["kernel"] for r in kernel]),
+            "kernel_minus_sched": percentiles_ms([r["kernel"] - r["sched"] for r in kernel]),
         },
         "windows": {
             "schedule": _windows(sched, rate),
             "wake": _windows([r["wake"] for r in done], rate),
             "send": _windows(sends, rate),
             "sim_count": _windows([r["sim"] for r in done], rate),
+            "kernel": _windows([r["kernel"] for r in kernel], rate),
         },
         "worst_sim_lag": sorted(
             (
@@ -339,7 +333,7 @@ def run(
         sim.join(timeout=10)
     for r in records:
         if r["openid"] in stamps:
-            r["parse"], r["sim"] = stamps[r["openid"]]
+            r["parse"], r["sim"], r["kernel"] = stamps[r["openid"]]
     result = {
         "rate": rate,
         "margin_s": margin,

@@ -53,6 +53,14 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--baseline-concurrency", type=int, default=8, help="rate: prefork pool per baseline"
     )
     p.add_argument("--rate-seconds", type=float, default=20.0, help="seconds of work at R")
+    p.add_argument(
+        "--rate-margins",
+        type=_floats,
+        default=None,
+        help="rate: ours only, once per MIDAS_RATE_MARGIN_S (default: the setting's default)",
+    )
+    p.add_argument("--rate-repeats", type=int, default=1, help="rate: runs of ours per margin")
+    p.add_argument("--rate-name", default="rate", help="rate: the JSON file's name")
     p.add_argument("--accounts", type=int, default=10_000, help="pipeline: accounts")
     p.add_argument("--naive-accounts", type=int, default=3_000, help="naive: accounts")
     p.add_argument("--profile-accounts", type=int, default=3_000, help="stage profile: accounts")
@@ -122,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
                 max_in_flight=args.max_in_flight,
                 baselines=not args.rate_ours_only,
                 baseline_concurrency=args.baseline_concurrency,
+                margins=args.rate_margins,
+                repeats=args.rate_repeats,
+                name=args.rate_name,
             )
         elif name == "pipeline":
             from bench import pipeline

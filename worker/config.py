@@ -80,8 +80,10 @@ class Settings(BaseSettings):
     # Midas; the schedule runs at rate / (1 + margin) of the limit (limiter.py explains).
     # 20 ms reached 98% of the limit on a quiet host but let 101 through at 100/s on a busy
     # VM whose threads woke up to 10 ms late; 50 ms held there. Safety over 3% of quota.
-    # Issue 14 made the limiter never send a late request, but 20 ms still let 52 through at
-    # 50/s once on the loaded 2-core VM (docs/benchmarks.md §1): the default stays.
+    # Issue 14, counted by the kernel's receive time (docs/benchmarks.md §1): 20 ms let 101
+    # through at 100/s (a worker stalled 63 ms between the limiter's check and its socket
+    # write); 30 ms held in every run but gave 0.966-0.971 of the limit, no better than the
+    # goal, and would not have absorbed a 31 ms stall of the same runs. The default stays.
     MIDAS_RATE_MARGIN_S: float = Field(0.05, ge=0, le=0.5)
     MIDAS_TIMEOUT_S: float = Field(5.0, gt=0, le=120)
 

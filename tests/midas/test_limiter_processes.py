@@ -2,7 +2,16 @@
 
 Four spawned processes with three threads each send getbalance requests through one
 RedisLimiter to the simulator over real HTTP, as fast as the limiter lets them. Midas (the
-simulator) must see no one-second window above the limit, and at least 95% of the limit used.
+simulator) must see no one-second window above the limit, and the fleet keep up with the
+limiter's schedule.
+
+Arrivals are counted by the kernel's receive time at the simulator's socket
+(`SimConfig.kernel_stamps`): what a remote Midas would count. The simulator's handler threads
+share this process's GIL and two busy cores with everything else here, and count a request
+up to tens of ms after its bytes arrived, a lag a remote Midas does not add (by that clock
+this test once counted 52 at 50/s with a 20 ms margin; benchmark 1 saw the handlers count 101
+at 100/s where the kernel saw 99: docs/benchmarks.md §1). So the simulator's own 45011 rule,
+which counts by its handlers' clock, is off here; the windows are checked below.
 """
 
 from __future__ import annotations
@@ -78,7 +87,7 @@ def _hammer(
 @pytest.mark.integration
 @pytest.mark.slow
 def test_processes_share_one_rate_as_midas_sees_it(redis_url: str) -> None:
-    sim = Simulator(SimConfig(rate_limit=RATE))
+    sim = Simulator(SimConfig(kernel_stamps=True))
     base_url = sim.start()
     # Watch the fleet-wide holder set from outside while the processes run.
     client = redis.Redis.from_url(redis_url)
@@ -107,7 +116,7 @@ def test_processes_share_one_rate_as_midas_sees_it(redis_url: str) -> None:
         for p in procs:
             p.join(timeout=30)
         stats = sim.stats()
-        arrivals = sim.arrivals()
+        stamps = sim.arrival_stamps()
     finally:
         watching.set()
         if watcher.is_alive():
@@ -122,21 +131,22 @@ def test_processes_share_one_rate_as_midas_sees_it(redis_url: str) -> None:
     assert [r["failures"] for r in reports] == [[]] * PROCESSES
     sent = sum(r["sent"] for r in reports)
     assert all(r["sent"] > 0 for r in reports)  # every process got its share
-    assert len(arrivals) == sent  # every grant reached Midas, nothing else did
+    assert len(stamps) == sent  # every grant reached Midas, nothing else did
     # Twelve callers, eight slots: the cap was reached and never exceeded, fleet-wide.
     assert max(holders_seen) == MAX_IN_FLIGHT
-    # What Midas saw: never above the limit in any sliding second, and never a 45011.
-    assert stats["max_per_second"] <= RATE
-    assert max_in_window(arrivals) <= RATE
+    ts = sorted(k for k, _ in stamps if k is not None)
+    assert len(ts) == sent  # every arrival has its kernel stamp
+    # What Midas saw: never above the limit in any sliding second.
+    assert max_in_window(ts) <= RATE
     assert stats["by_errcode"] == {40001: sent}
-    ts = sorted(arrivals)
     achieved = (len(ts) - 1) / (ts[-1] - ts[0])
     n = int(RATE)
     # How much of the jitter margin was left: the tightest run of N+1 arrivals (> 1 s needed).
     tightest = min(ts[i + n] - ts[i] for i in range(len(ts) - n))
     print(
         f"limiter processes: {len(ts)} arrivals, {achieved:.2f}/s of {RATE:g}/s "
-        f"({achieved / RATE:.1%}), max per second {stats['max_per_second']}, "
+        f"({achieved / RATE:.1%}), max per second {max_in_window(ts)} "
+        f"(by the simulator's handlers {stats['max_per_second']}), "
         f"tightest {n + 1} arrivals span {tightest:.4f} s, "
         f"rescheduled {sum(r['rescheduled'] for r in reports)}"
     )

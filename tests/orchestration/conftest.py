@@ -351,10 +351,16 @@ class Procs:
         self.env.update(env)
 
     def worker(
-        self, name: str, concurrency: int = 2, level: str = LOG_LEVEL, *, events: bool = False
+        self,
+        name: str,
+        concurrency: int = 2,
+        level: str = LOG_LEVEL,
+        *,
+        events: bool = False,
+        app: str = "worker",  # bench.rate_probe: the same app, timed (benchmark 1)
     ) -> subprocess.Popen[bytes]:
         cmd = [
-            CELERY, "-A", "worker", "worker", "--pool", "prefork",
+            CELERY, "-A", app, "worker", "--pool", "prefork",
             "--concurrency", str(concurrency), "-Q", "recheck,nightly", "-n", f"{name}@%h",
             "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", level,
         ]  # fmt: skip

@@ -26,10 +26,14 @@ control ones; ``by_errcode`` the errcodes of the JSON answers delivered (0 for a
 ``max_per_second`` the most Midas-endpoint arrivals in any sliding one-second window (the
 45011 rule counts the same windows); ``token_calls``; plus ``faults`` (fired, by kind),
 ``force_refresh_calls`` and ``connections`` (TCP connections accepted). `arrivals()` gives
-the sorted ``time.monotonic()`` arrival times (the latest ``max_recorded_arrivals``).
+the sorted ``time.monotonic()`` arrival times (the latest ``max_recorded_arrivals``). With
+``SimConfig(kernel_stamps=True)`` (Linux), `arrival_stamps()` also gives, per Midas arrival, the
+kernel's receive time of its first bytes next to the handler's time (unix seconds): the clock a
+remote Midas would count by, without this process's own scheduling.
 
 Control endpoints for a simulator in another process (JSON in and out): ``GET /__sim/stats``,
-``GET /__sim/arrivals?path_prefix=``, ``POST /__sim/reset_stats``, ``POST /__sim/faults``
+``GET /__sim/arrivals?path_prefix=``, ``GET /__sim/arrival_stamps``, ``POST /__sim/reset_stats``,
+``POST /__sim/faults``
 ``{kind, count | rate, path}``, ``DELETE /__sim/faults``, ``GET /__sim/players``,
 ``POST /__sim/players`` ``{openid, zone_id, save, present, cost, session_key}``,
 ``GET /__sim/counters?openid=&zone_id=``, ``GET /__sim/movements``, ``POST /__sim/move``

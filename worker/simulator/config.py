@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 # Faults answered *instead of* handling the request: nothing moves (a pay is not deducted).
@@ -37,6 +38,11 @@ class SimConfig:
     # Arrival times kept for `arrivals()`: a staging simulator running for weeks keeps the
     # latest ones only (max_per_second still covers everything since the last reset).
     max_recorded_arrivals: int = 2_000_000
+    # Also record each Midas arrival's kernel receive time (Linux SO_TIMESTAMPNS), next to the
+    # handler's: `arrival_stamps()`. For benchmarks and timing tests; it assumes clients wait
+    # for each answer before writing the next request on a connection (no HTTP pipelining,
+    # as http.client and requests do), since it peeks at the socket before the parser reads.
+    kernel_stamps: bool = False
     host: str = "127.0.0.1"
     port: int = 0  # 0 = a free port chosen by the OS
 
@@ -53,6 +59,8 @@ class SimConfig:
             raise ValueError("max_recorded_arrivals must be at least 10")
         if not 0 <= self.port <= 65535:
             raise ValueError("port must be within 0..65535")
+        if self.kernel_stamps and not sys.platform.startswith("linux"):
+            raise ValueError("kernel_stamps needs Linux (SO_TIMESTAMPNS on TCP sockets)")
 
     def app_key(self, env: str) -> str:
         """The AppKey of `env` ("sandbox" or "production"): they differ, as at WeChat."""

@@ -8,6 +8,7 @@ import json
 import logging
 import socket
 import socketserver
+import struct
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -21,6 +22,12 @@ from worker.simulator.state import MoveRefused, SimState
 log = logging.getLogger(__name__)
 
 _MAX_BODY = 1 << 20
+# Linux's SO_TIMESTAMPNS (asm-generic/socket.h; Python's socket module does not name it): the
+# kernel stamps each received segment (CLOCK_REALTIME) and recvmsg hands the stamp over as a
+# struct timespec. TCP delivers it since Linux 4.13, with MSG_PEEK too.
+_SO_TIMESTAMPNS = 35
+_TIMESPEC = struct.Struct("@ll")
+_TIMESPEC_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 _JSON = "application/json; charset=utf-8"
 _UNSET: Any = object()
 
@@ -35,6 +42,13 @@ class _Server(ThreadingHTTPServer):
     # which would show up as fake latency in the benchmarks.
     request_queue_size = 1024
     sim: Simulator
+
+    def server_activate(self) -> None:
+        if self.sim.config.kernel_stamps:
+            # On the listening socket: accepted sockets inherit it, and the kernel stamps from
+            # now on, so even a connection's first request carries a stamp.
+            self.socket.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
+        super().server_activate()
 
     def server_bind(self) -> None:
         # Bind only: HTTPServer's version also does a reverse-DNS lookup of the host, which
@@ -89,6 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "MidasSimulator/1.0"
     sys_version = ""
     disable_nagle_algorithm = True  # headers and body are two writes: do not wait on ACKs
+    kernel_at: float | None = None  # the current request's kernel receive time (kernel_stamps)
 
     def log_message(self, format: str, *args: Any) -> None:
         """No per-request access log: at thousands of requests a second it is only noise."""
@@ -105,6 +120,30 @@ class _Handler(BaseHTTPRequestHandler):
     def handle(self) -> None:
         if self._tracked:
             super().handle()
+
+    def handle_one_request(self) -> None:
+        self.kernel_at = self._kernel_receive_time() if self._srv.sim.config.kernel_stamps else None
+        super().handle_one_request()
+
+    def _kernel_receive_time(self) -> float | None:
+        """When the kernel received the next request's first bytes (unix seconds), waiting for
+        them; peeked, so the parser still reads them. None without a stamp (closed, reset).
+
+        The stamp is that of the first queued segment; segments queued behind it before the
+        peek may be merged into it, taking the later stamp: a request written in one send (as
+        http.client does for small bodies) is one segment on loopback.
+        """
+        try:
+            _data, ancillary, _flags, _addr = self.connection.recvmsg(
+                1, _TIMESPEC_SPACE, socket.MSG_PEEK
+            )
+        except OSError:
+            return None  # the parser meets the same error and ends the connection
+        for level, kind, raw in ancillary:
+            if level == socket.SOL_SOCKET and kind == _SO_TIMESTAMPNS:
+                sec, nsec = _TIMESPEC.unpack_from(raw)
+                return float(sec + nsec / 1e9)
+        return None
 
     def finish(self) -> None:
         try:
@@ -186,7 +225,7 @@ class _Handler(BaseHTTPRequestHandler):
         sim = self._srv.sim
         state = sim._state
         route = endpoints.ROUTES.get(path)
-        limited, fault = state.admit(path, route.kind if route else "other")
+        limited, fault = state.admit(path, route.kind if route else "other", self.kernel_at)
         if route is None:
             self._send(404, _dumps({"errcode": 404, "errmsg": "no such endpoint"}))
             return
@@ -255,6 +294,8 @@ def _control(
         return 200, sim.stats()
     if key == ("GET", "arrivals"):
         return 200, sim.arrivals(query.get("path_prefix"))
+    if key == ("GET", "arrival_stamps"):
+        return 200, sim.arrival_stamps()
     if key == ("POST", "reset_stats"):
         sim.reset_stats()
         return 200, ok
@@ -485,6 +526,13 @@ class Simulator:
     def arrivals(self, path_prefix: str | None = None) -> list[float]:
         """Sorted time.monotonic() arrival times: Midas endpoints, or paths under a prefix."""
         return self._state.arrivals(path_prefix)
+
+    def arrival_stamps(self) -> list[tuple[float | None, float]]:
+        """With `SimConfig.kernel_stamps`: per Midas arrival, (when the kernel received its
+        first bytes, when its handler counted it), unix seconds, in the handler's order. The
+        kernel's is what a remote Midas would count; the handler's adds this process's own
+        scheduling (GIL, threads). The kernel's is None if the socket gave no stamp."""
+        return self._state.arrival_stamps()
 
     def reset_stats(self) -> None:
         self._state.reset_stats()

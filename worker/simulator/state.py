@@ -165,6 +165,8 @@ class SimState:
         self._connections = 0
         self._arrivals: list[tuple[float, str]] = []
         self._midas_arrivals: list[float] = []
+        # With `kernel_stamps`: per Midas arrival (kernel receive, handler), unix seconds.
+        self._stamps: list[tuple[float | None, float]] = []
         # Midas arrivals of the last second since the reset, and the most it ever held: the
         # same number `max_per_window` finds over all arrivals, kept as they come so it
         # survives the trimming of the recorded arrivals in a long-running simulator.
@@ -175,13 +177,20 @@ class SimState:
         with self._lock:
             self._reset_stats_locked()
 
-    def admit(self, path: str, kind: str) -> tuple[bool, str | None]:
-        """Record one arrival (kind "midas", "token" or "other").
+    def admit(
+        self, path: str, kind: str, kernel_at: float | None = None
+    ) -> tuple[bool, str | None]:
+        """Record one arrival (kind "midas", "token" or "other"); `kernel_at` is when the
+        kernel received its first bytes (unix seconds), with `kernel_stamps`.
 
         Returns whether the rate rule refuses it (45011) and which answer-replacing fault fires.
         """
         with self._lock:
             now = time.monotonic()  # taken under the lock, so arrivals are recorded in order
+            if kind == "midas" and self._config.kernel_stamps:
+                # The handler's moment on the kernel's clock (CLOCK_REALTIME), so the two
+                # subtract; the rate rule below keeps counting the handler's moments.
+                self._stamps.append((kernel_at, time.time()))
             self._requests += 1
             self._by_path[path] += 1
             self._arrivals.append((now, path))
@@ -215,6 +224,8 @@ class SimState:
         cutoff = self._arrivals[-keep][0]
         del self._arrivals[:-keep]
         self._midas_arrivals = [t for t in self._midas_arrivals if t >= cutoff]
+        if self._stamps:  # one pair per Midas arrival, in the same order: keep the same ones
+            del self._stamps[: len(self._stamps) - len(self._midas_arrivals)]
 
     def take_answer_fault(self, path: str, is_midas: bool, *, has_balance: bool) -> str | None:
         """After handling: the transport or value fault (if any) that spoils this answer."""
@@ -274,6 +285,12 @@ class SimState:
                 times = [t for t, p in self._arrivals if p.startswith(path_prefix)]
         times.sort()
         return times
+
+    def arrival_stamps(self) -> list[tuple[float | None, float]]:
+        with self._lock:
+            stamps = list(self._stamps)
+        stamps.sort(key=lambda s: s[1])
+        return stamps
 
     # -- faults and runtime settings --------------------------------------------------------
 
