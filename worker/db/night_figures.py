@@ -96,8 +96,11 @@ def store(session: Session, run: Run, *, now: dt.datetime) -> bool:
     q.tune_for_reporting(session)
     previous = q.nightly_run(session, run.business_date - dt.timedelta(days=1))
     zones: dict[str, dict[str, Any]] = {}
+    # Every zone's row names every column (null where the zone had no pair): one INSERT
+    # statement serves them all.
+    unmoved = dict.fromkeys((*MOVEMENT_FIELDS, "first_fetch_at", "last_fetch_at"))
     for row in q.coverage(session, run.id, None):
-        zones[row.zone_id] = {name: getattr(row, name) for name in COVERAGE_FIELDS}
+        zones[row.zone_id] = {name: getattr(row, name) for name in COVERAGE_FIELDS} | unmoved
     watermark = settled_ledger_id(session) if previous is not None and zones else None
     if previous is not None and watermark is not None:
         for row in q.movement(session, run.id, previous.id, None, ledger_upto=watermark):
