@@ -4,7 +4,7 @@
 
 The data is tests/reports/test_report_speed.py's (one ledger row per account and day, one
 account in 50 unobservable, 3,000 cases), seeded in SQL (INSERT … SELECT generate_series);
-each format is timed after one warm call (imports, matplotlib's font cache), as an
+each format is timed after one warm call (imports, connections), as an
 operator's second call would be. Then one more `--format html` call with every SQL statement
 timed: which query the time goes to. At 1M accounts the throwaway database holds ~14 GB
 (seeding ~12 min on 2 cores); it is dropped at the end.
