@@ -108,7 +108,7 @@ def _time_formats(env: dict[str, str]) -> dict[str, dict[str, float]]:
     args = ["report", "daily", "--date", LAST.isoformat(), "--format"]
     warm = runner.invoke(cli, [*args, "html"])
     if warm.exit_code != 0:
-        raise RuntimeError(f"report daily failed: {warm.output[-500:]}")
+        raise RuntimeError(f"report daily failed: {warm.output[-500:]}") from warm.exception
     in_process: dict[str, float] = {}
     new_process: dict[str, float] = {}
     command = str(Path(sys.executable).parent / "midas-recon")
