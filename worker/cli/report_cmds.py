@@ -107,7 +107,7 @@ def daily(date_text: str | None, zone_id: str | None, fmt: str, output: Path | N
 )
 @handle_errors
 def refresh(date_text: str | None) -> None:
-    """Store the statement's figures of finished nightly runs that lack them.
+    """Store the statement figures of finished nights that lack them.
 
     A nightly run stores its coverage, totals and movement when it closes, and the statement
     and its trend read them instead of aggregating every snapshot again. Runs closed before
