@@ -68,7 +68,7 @@ _SETTLE_POLL_S = 0.05
 
 def run_state(run: Run) -> str:
     """What a run's snapshots are as of now: its status, when it closed and its counts."""
-    closed = run.finished_at.isoformat() if run.finished_at else "-"
+    closed = run.finished_at.astimezone(dt.UTC).isoformat() if run.finished_at else "-"
     return f"{run.status} {closed} ok={run.ok} unobs={run.unobservable} error={run.error}"
 
 
@@ -142,6 +142,8 @@ def settled_ledger_id(session: Session) -> int | None:
         " AND relation = 'ledger_entries'::regclass AND mode = 'RowExclusiveLock'"
         " AND pid IS DISTINCT FROM pg_backend_pid()"
     )
+    # The movement is read after this returns, by a later statement: under READ COMMITTED
+    # (the sessions' level) it sees every insert that has committed by then.
     waiting_for = set(session.execute(open_inserts).scalars())
     deadline = time.monotonic() + SETTLE_WAIT_S
     while waiting_for:
