@@ -17,6 +17,8 @@ A statement made before its business day is over says so (`partial`): the day's 
 case figures then cover the day up to `generated_at` only. An incomplete run (accounts left
 in error) still has a statement: its error column counts them and the totals leave them out.
 The SQL views of migration 20261124_0002 compute the same numbers for BI tools.
+The coverage, totals and coin statement of a closed night are stored when it closes
+(worker/db/night_figures.py) and read from there while they still hold: the same numbers.
 """
 
 from __future__ import annotations
