@@ -7,9 +7,7 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    # matplotlib (HTML reports) wants a writable cache folder; the home is the state folder.
-    MPLCONFIGDIR=/tmp/matplotlib
+    PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
 COPY requirements.lock ./

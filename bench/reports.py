@@ -4,7 +4,7 @@
 
 The data is tests/reports/test_report_speed.py's (one ledger row per account and day, one
 account in 50 unobservable, 3,000 cases), seeded in SQL (INSERT … SELECT generate_series);
-each format is timed after one warm call (imports, matplotlib's font cache), as an
+each format is timed after one warm call (imports, connections), as an
 operator's second call would be. Then one more `--format html` call with every SQL statement
 timed: which query the time goes to. At 1M accounts the throwaway database holds ~14 GB
 (seeding ~12 min on 2 cores); it is dropped at the end.
@@ -12,7 +12,10 @@ timed: which query the time goes to. At 1M accounts the throwaway database holds
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +31,7 @@ from bench.common import (
     vacuum_analyze,
     write_result,
 )
+from worker.db.models import Run
 
 NAME = "reports"
 GOAL_S = 2.0
@@ -59,33 +63,101 @@ def main(accounts: int, out: Path | None = None) -> dict[str, Any]:
         vacuum_analyze(url)
         seeded = time.monotonic() - seeding
         snapshots = table_sizes(url)["balance_snapshots"][0]
-        timings: dict[str, float] = {}
-        with environment({"DATABASE_URL": url, "RECON_TIMEZONE": "Asia/Shanghai"}):
+        env = {"DATABASE_URL": url, "RECON_TIMEZONE": "Asia/Shanghai"}
+        with environment(env):
+            # Cold: no stored figures (an install before 20261204_0010, or figures that no
+            # longer hold): every figure aggregated from the snapshots, as before.
+            cold = _time_formats(env)
+            stored_s = _store_figures(url)
+            warm = _time_formats(env)
             runner = CliRunner()
-            args = ["report", "daily", "--date", LAST.isoformat(), "--format"]
-            warm = runner.invoke(cli, [*args, "html"])
-            if warm.exit_code != 0:
-                raise RuntimeError(f"report daily failed: {warm.output[-500:]}")
-            for fmt in ("table", "json", "csv", "html"):
-                started = time.perf_counter()
-                result = runner.invoke(cli, [*args, fmt])
-                timings[fmt] = round(time.perf_counter() - started, 3)
-                if result.exit_code != 0:
-                    raise RuntimeError(f"report daily --format {fmt} failed")
-            queries = _timed_queries(url, lambda: runner.invoke(cli, [*args, "html"]))
+            args = ["report", "daily", "--date", LAST.isoformat(), "--format", "html"]
+            queries = _timed_queries(url, lambda: runner.invoke(cli, args))
     figures = {
         "accounts": accounts,
         "nights": 30,
         "snapshots": snapshots,
         "seed_s": round(seeded, 1),
-        "seconds_by_format": timings,
-        "slowest_s": max(timings.values()),
+        "seconds_by_format": warm["cli_in_process"],
+        "slowest_s": max(warm["cli_in_process"].values()),
+        "stored": warm,
+        "cold": cold,
+        "store_s_per_night": stored_s,
         "queries_s": queries,
         "goal_s": GOAL_S,
     }
+    timings = warm["cli_in_process"]
     say(NAME, f"{accounts} accounts x 30 nights ({snapshots} snapshots): {timings}")
     write_result(NAME, figures, out=out)
     return figures
+
+
+def _time_formats(env: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Each format through the CLI in this process (after one warm call) and as a new
+    process (Python's start and imports included), and the statement and the trend built
+    in-process the way the CLI builds them (second call)."""
+    from click.testing import CliRunner
+
+    from tests.reports.test_report_speed import LAST
+    from worker.cli.base import cli
+    from worker.config import load_settings
+    from worker.db.session import session_scope
+    from worker.reports.statement import build_statement, build_trend
+
+    runner = CliRunner()
+    args = ["report", "daily", "--date", LAST.isoformat(), "--format"]
+    warm = runner.invoke(cli, [*args, "html"])
+    if warm.exit_code != 0:
+        raise RuntimeError(f"report daily failed: {warm.output[-500:]}") from warm.exception
+    in_process: dict[str, float] = {}
+    new_process: dict[str, float] = {}
+    command = str(Path(sys.executable).parent / "midas-recon")
+    for fmt in ("table", "json", "csv", "html"):
+        started = time.perf_counter()
+        result = runner.invoke(cli, [*args, fmt])
+        in_process[fmt] = round(time.perf_counter() - started, 3)
+        if result.exit_code != 0:
+            raise RuntimeError(f"report daily --format {fmt} failed")
+        started = time.perf_counter()
+        subprocess.run(
+            [command, *args, fmt], env={**os.environ, **env}, check=True, capture_output=True
+        )
+        new_process[fmt] = round(time.perf_counter() - started, 3)
+    calendar = load_settings(env).calendar
+    built: dict[str, float] = {}
+    for _ in range(2):  # the second call: cache warm
+        with session_scope(env["DATABASE_URL"]) as session:
+            started = time.perf_counter()
+            build_statement(session, LAST, calendar=calendar)
+            built["statement"] = round(time.perf_counter() - started, 3)
+            started = time.perf_counter()
+            build_trend(session, LAST, calendar=calendar)
+            built["trend"] = round(time.perf_counter() - started, 3)
+    say(NAME, f"cli {in_process}, new process {new_process}, in-process {built}")
+    return {"cli_in_process": in_process, "cli_new_process": new_process, "built": built}
+
+
+def _store_figures(url: str) -> float:
+    """Store every night's figures with the function a run's close calls
+    (night_figures.store_after_close stores the run's, then the next date's: here each
+    night once, in date order); returns the mean seconds per night."""
+    from tests.reports.test_report_speed import FIRST, LAST
+    from worker.business_calendar import utcnow
+    from worker.db import night_figures
+    from worker.db.session import session_scope
+    from worker.db.statement import nightly_runs
+
+    with session_scope(url) as session:
+        ids = [run.id for run in nightly_runs(session, FIRST, LAST)]
+    started = time.perf_counter()
+    for run_id in ids:
+        with session_scope(url) as session:
+            run = session.get(Run, run_id)
+            assert run is not None
+            night_figures.store(session, run, now=utcnow())
+    spent = (time.perf_counter() - started) / len(ids)
+    say(NAME, f"stored the figures of {len(ids)} nights, {spent:.2f} s each")
+    return round(spent, 3)
 
 
 def _timed_queries(url: str, call: Any) -> list[tuple[float, str]]:

@@ -151,4 +151,4 @@ def _assert_self_contained_html_with_charts(html: str) -> None:
     page.feed(html)
     assert page.external == [] and len(page.images) == 2
     for src in page.images:
-        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"\x89PNG")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(b"<svg")

@@ -471,7 +471,7 @@ def test_partitioning_and_back_keeps_every_snapshot_id_and_view(
         before = _snapshot_state(engine)
         assert len(before[0]) == 7 and len(before[2][0]) == 4  # the views see every run
 
-        migrate.upgrade(url)  # 0009, then 0010 (snapshot_months)
+        migrate.upgrade(url)  # 0009 and every revision after it
         assert _snapshot_state(engine) == before
         with engine.connect() as conn:
             dated = conn.execute(

@@ -92,7 +92,7 @@ def test_thirty_nights_report_in_under_two_seconds(
     monkeypatch.setenv("RECON_TIMEZONE", "Asia/Shanghai")
     runner = CliRunner()
     args = ["report", "daily", "--date", LAST.isoformat(), "--format"]
-    runner.invoke(cli, [*args, "html"])  # warm: imports, matplotlib's font cache, connections
+    runner.invoke(cli, [*args, "html"])  # warm: imports, connections
     timings = {}
     for fmt in ("table", "json", "html"):
         started = time.perf_counter()

@@ -98,6 +98,44 @@ def daily(date_text: str | None, zone_id: str | None, fmt: str, output: Path | N
         click.echo(f"wrote {output}", err=True)
 
 
+@report.command("refresh")
+@click.option(
+    "--date",
+    "date_text",
+    metavar="YYYY-MM-DD",
+    help="Only this business date's nightly run, stored anew whatever its state.",
+)
+@handle_errors
+def refresh(date_text: str | None) -> None:
+    """Store the statement figures of finished nights that lack them.
+
+    A nightly run stores its coverage, totals and movement when it closes, and the statement
+    and its trend read them instead of aggregating every snapshot again. Runs closed before
+    `db upgrade` added them (revision 20261204_0011), or whose figures no longer hold (the
+    previous date backfilled, a run resumed, a ledger insert open when the run closed), are
+    computed afresh by each statement until this command stores them. The figures are the
+    same either way; this only makes the statement fast. One transaction per run.
+    """
+    from worker.business_calendar import utcnow
+    from worker.db import night_figures
+    from worker.db.session import session_scope
+
+    cfg = settings()
+    if date_text:
+        dates = [parse_date(date_text)]
+    else:
+        with session_scope(cfg.DATABASE_URL) as session:
+            dates = night_figures.stale_dates(session)
+    for day in dates:
+        with session_scope(cfg.DATABASE_URL) as session:
+            stored = night_figures.refresh(session, day, now=utcnow())
+        if not stored and date_text:
+            raise JobFailed(f"no finished nightly run for {day}: nothing to store")
+        click.echo(f"{day}: {'stored' if stored else 'nothing to store'}")
+    if not dates:
+        click.echo("every finished nightly run has its figures stored")
+
+
 @cli.command()
 @click.option(
     "--players",

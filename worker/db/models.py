@@ -346,6 +346,55 @@ event.listen(
 )
 
 
+class NightFigures(Base):
+    """A closed nightly run's statement figures for one zone, stored when it closes
+    (worker/db/night_figures.py) so the statement and its trend need not re-aggregate a
+    million snapshots; they are used only while what they were computed from is unchanged.
+
+    The coverage and totals are `worker.db.statement.coverage`'s; the movement columns are
+    `movement`'s against `previous_run_id`, null where no account was ok in both runs.
+    """
+
+    __tablename__ = "night_figures"
+
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id"), primary_key=True)
+    zone_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    accounts: Mapped[int] = mapped_column(Integer)
+    ok: Mapped[int] = mapped_column(Integer)
+    unobservable: Mapped[int] = mapped_column(Integer)
+    error: Mapped[int] = mapped_column(Integer)
+    # Midas totals over the ok snapshots; null when none was ok (unknown, not zero).
+    balance: Mapped[int | None] = mapped_column(Coins)
+    save_sum: Mapped[int | None] = mapped_column(Coins)
+    cost_sum: Mapped[int | None] = mapped_column(Coins)
+    present_sum: Mapped[int | None] = mapped_column(Coins)
+    # The previous date's nightly run the movement compares with; null when there was none.
+    previous_run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id"))
+    compared: Mapped[int | None] = mapped_column(Integer)
+    opening_balance: Mapped[int | None] = mapped_column(Coins)
+    closing_balance: Mapped[int | None] = mapped_column(Coins)
+    midas_save_sum_change: Mapped[int | None] = mapped_column(Coins)
+    midas_cost_sum_change: Mapped[int | None] = mapped_column(Coins)
+    midas_present_sum_change: Mapped[int | None] = mapped_column(Coins)
+    top_ups: Mapped[int | None] = mapped_column(Coins)
+    gifts: Mapped[int | None] = mapped_column(Coins)
+    spends: Mapped[int | None] = mapped_column(Coins)
+    cancels: Mapped[int | None] = mapped_column(Coins)
+    # Every account's ledger window lies in (first_fetch_at, last_fetch_at]: where a ledger
+    # row imported later can count at all.
+    first_fetch_at: Mapped[dt.datetime | None]
+    last_fetch_at: Mapped[dt.datetime | None]
+    # The flows hold exactly the ledger rows with id <= this; the rows above it are added
+    # when the statement is read. Null: a ledger insert was still open when the run closed,
+    # so which ids were final was not known, and the movement is computed afresh.
+    ledger_watermark: Mapped[int | None] = mapped_column(BigInteger)
+    # What the two runs were when the figures were computed (night_figures.run_state): a run
+    # resumed, closed again or given more snapshots since no longer matches.
+    run_state: Mapped[str] = mapped_column(String(120))
+    previous_state: Mapped[str | None] = mapped_column(String(120))
+    computed_at: Mapped[dt.datetime]
+
+
 class MismatchCase(Base):
     """One disagreement per (openid, zone_id, check) while open; never deleted."""
 

@@ -7,7 +7,7 @@ import datetime as dt
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, literal, or_, select, text
+from sqlalchemy import Select, and_, case, func, literal, or_, select, text, true
 from sqlalchemy.orm import Session, aliased
 
 from worker.db.models import (
@@ -23,7 +23,6 @@ from worker.vocabulary import (
     CaseStatus,
     LedgerKind,
     RunKind,
-    RunStatus,
     SnapshotStatus,
 )
 
@@ -35,15 +34,35 @@ EVENT_COLUMNS = {  # case event to_status -> statement column
 }
 
 
+# The ledger kinds of the statement's flows, by the column each adds to.
+FLOW_KINDS = {
+    LedgerKind.SAVE: "top_ups",
+    LedgerKind.PRESENT: "gifts",
+    LedgerKind.COST: "spends",
+    LedgerKind.CANCEL: "cancels",
+}
+
+
 def nightly_run(session: Session, business_date: dt.date) -> Run | None:
     return session.scalars(
         select(Run).where(Run.kind == RunKind.NIGHTLY, Run.business_date == business_date)
     ).one_or_none()
 
 
-def trend_totals(session: Session, dates: Sequence[dt.date], zone_id: str | None) -> Iterable[Any]:
-    """Midas totals over the ok snapshots of each complete nightly run from dates[0] to
-    dates[-1]."""
+def nightly_runs(
+    session: Session, first: dt.date, last: dt.date, *, status: str | None = None
+) -> list[Run]:
+    """The nightly runs of the dates from `first` to `last`, optionally of one status."""
+    query = select(Run).where(
+        Run.kind == RunKind.NIGHTLY, Run.business_date >= first, Run.business_date <= last
+    )
+    if status is not None:
+        query = query.where(Run.status == status)
+    return list(session.scalars(query.order_by(Run.business_date)))
+
+
+def trend_totals(session: Session, run_ids: Sequence[int], zone_id: str | None) -> Iterable[Any]:
+    """Midas totals over the ok snapshots of each of these runs, by business date."""
     snap = BalanceSnapshot
     query = (
         select(
@@ -54,12 +73,7 @@ def trend_totals(session: Session, dates: Sequence[dt.date], zone_id: str | None
             func.sum(snap.present_sum).label("present_sum"),
         )
         .join(snap, and_(snap.run_id == Run.id, snap.status == SnapshotStatus.OK))
-        .where(
-            Run.kind == RunKind.NIGHTLY,
-            Run.status == RunStatus.COMPLETE,
-            Run.business_date >= dates[0],
-            Run.business_date <= dates[-1],
-        )
+        .where(Run.id.in_(run_ids))
         .group_by(Run.business_date)
     )
     if zone_id is not None:
@@ -139,8 +153,16 @@ def coverage(session: Session, run_id: int, zone_id: str | None) -> Iterable[Any
     return session.execute(query)
 
 
-def movement(session: Session, run_id: int, previous_id: int, zone_id: str | None) -> Any:
-    """Per zone: accounts ok in both runs, their counters' change and the ledger in between.
+def movement(
+    session: Session,
+    run_id: int,
+    previous_id: int,
+    zone_id: str | None,
+    *,
+    ledger_upto: int | None = None,
+) -> Any:
+    """Per zone: accounts ok in both runs, their counters' change and the ledger in between
+    (only ledger ids <= `ledger_upto` when given), and the first and last fetch of the two.
 
     The accounts ok in both runs (`pairs`) are joined once and read by two zone-level
     aggregates joined on the zone, so no per-account grouping (and no sort of 1M accounts)
@@ -216,17 +238,9 @@ def movement(session: Session, run_id: int, previous_id: int, zone_id: str | Non
     flows = (
         select(
             pairs.c.zone_id,
-            func.sum(sign * case((led.kind == LedgerKind.SAVE, led.amount), else_=0)).label(
-                "top_ups"
-            ),
-            func.sum(sign * case((led.kind == LedgerKind.PRESENT, led.amount), else_=0)).label(
-                "gifts"
-            ),
-            func.sum(sign * case((led.kind == LedgerKind.COST, led.amount), else_=0)).label(
-                "spends"
-            ),
-            func.sum(sign * case((led.kind == LedgerKind.CANCEL, led.amount), else_=0)).label(
-                "cancels"
+            *(
+                func.sum(sign * case((led.kind == kind, led.amount), else_=0)).label(name)
+                for kind, name in FLOW_KINDS.items()
             ),
         )
         .select_from(pairs)
@@ -249,17 +263,79 @@ def movement(session: Session, run_id: int, previous_id: int, zone_id: str | Non
                 ),
             ),
         )
-        .where(led.occurred_at > first_fetch, led.occurred_at <= last_fetch)
+        .where(
+            led.occurred_at > first_fetch,
+            led.occurred_at <= last_fetch,
+            true() if ledger_upto is None else led.id <= ledger_upto,
+        )
         .group_by(pairs.c.zone_id)
         .subquery("flows")
     )
     query = select(
         counters,
-        *(
-            func.coalesce(flows.c[name], 0).label(name)
-            for name in ("top_ups", "gifts", "spends", "cancels")
-        ),
+        *(func.coalesce(flows.c[name], 0).label(name) for name in FLOW_KINDS.values()),
+        first_fetch.label("first_fetch_at"),
+        last_fetch.label("last_fetch_at"),
     ).outerjoin(flows, flows.c.zone_id == counters.c.zone_id)
+    return session.execute(query)
+
+
+def late_flows(
+    session: Session,
+    run: Run,
+    previous: Run,
+    *,
+    above_id: int,
+    window: tuple[dt.datetime, dt.datetime],
+    zone_id: str | None,
+) -> Iterable[Any]:
+    """Per zone, `movement`'s ledger flows over the ledger rows with id > `above_id` only.
+
+    The rows are few (those recorded after the figures were stored): each finds its account's
+    two snapshots through the one-per-account key, instead of pairing the two nights.
+    `window` is the first and last fetch of the two runs, outside which no row can count.
+    """
+    cur = aliased(BalanceSnapshot, name="cur")
+    prev = aliased(BalanceSnapshot, name="prev")
+    led = LedgerEntry
+    forward = prev.fetched_at <= cur.fetched_at
+    sign = case((forward, 1), else_=-1)
+
+    def both(snap: Any, of: Run) -> Any:
+        return and_(
+            snap.run_id == of.id,
+            snap.business_date == of.business_date,  # the partition, on Postgres
+            snap.openid == led.openid,
+            snap.zone_id == led.zone_id,
+            snap.status == SnapshotStatus.OK,
+        )
+
+    query = (
+        select(
+            led.zone_id,
+            *(
+                func.sum(sign * case((led.kind == kind, led.amount), else_=0)).label(name)
+                for kind, name in FLOW_KINDS.items()
+            ),
+        )
+        .select_from(led)
+        .join(cur, both(cur, run))
+        .join(prev, both(prev, previous))
+        .where(
+            led.id > above_id,
+            led.occurred_at > window[0],
+            led.occurred_at <= window[1],
+            or_(
+                and_(forward, led.occurred_at > prev.fetched_at, led.occurred_at <= cur.fetched_at),
+                and_(
+                    ~forward, led.occurred_at > cur.fetched_at, led.occurred_at <= prev.fetched_at
+                ),
+            ),
+        )
+        .group_by(led.zone_id)
+    )
+    if zone_id is not None:
+        query = query.where(led.zone_id == zone_id)
     return session.execute(query)
 
 

@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from worker import business_calendar as clock
 from worker.config import Settings
 from worker.db import coverage as cov_repo
+from worker.db import night_figures
 from worker.db import runs as repo
 from worker.db.crypto import SessionKeyCipher, UndecryptableSessionKey
 from worker.db.models import Run
@@ -391,6 +392,9 @@ def finalize(session: Session, run_id: int, *, now: dt.datetime | None = None) -
     if run.kind == RunKind.NIGHTLY:
         coverage.close_coverage(session, run_id, run.coverage, now)
     session.refresh(run)
+    # The statement's figures of the night, fixed from now on (and the next date's, which
+    # compare with these): written in the close's transaction, so a closed run has them.
+    night_figures.store_after_close(session, run, now=now)
     log.info(
         "run_finished",
         extra={
@@ -415,14 +419,10 @@ def fail_run(session: Session, run_id: int, reason: str, *, now: dt.datetime | N
     if run is None or run.status != RunStatus.RUNNING:
         return
     counts = repo.item_counts(session, run_id)
-    repo.close_run(
-        session,
-        run_id,
-        status=RunStatus.FAILED,
-        counts=counts,
-        now=now or clock.utcnow(),
-        reason=reason,
-    )
+    now = now or clock.utcnow()
+    repo.close_run(session, run_id, status=RunStatus.FAILED, counts=counts, now=now, reason=reason)
+    # The next date's stored movement compared with this run while it ran: store it again.
+    night_figures.store_after_close(session, _require(session, run_id), now=now)
     log.error("run_failed", extra={"run_id": run_id, "reason": reason})
 
 

@@ -256,8 +256,8 @@ def render_csv(statement: Statement) -> str:
 
 
 def render_html(statement: Statement, trend: Trend) -> str:
-    """One file, no external assets: inline CSS, charts as base64 PNG data URIs."""
-    from worker.reports.charts import open_cases_png_b64, totals_png_b64
+    """One file, no external assets: inline CSS, charts as base64 SVG data URIs."""
+    from worker.reports.charts import open_cases_svg_b64, totals_svg_b64
 
     e = html.escape
     s = statement
@@ -310,13 +310,13 @@ figcaption, .note {{ color: #555; font-size: 0.9em; }}
 <h2>Last {len(trend.dates)} days</h2>
 <figure id="trend-totals">
 <img alt="Midas totals of each complete nightly run, {e(str(first))} to {e(str(last))}"
- src="data:image/png;base64,{totals_png_b64(trend)}">
+ src="data:image/svg+xml;base64,{totals_svg_b64(trend)}">
 <figcaption>Sums over the accounts observed in each date's complete nightly run; gaps are dates
 without one.</figcaption>
 </figure>
 <figure id="trend-open-cases">
 <img alt="Mismatch cases open at the end of each day, {e(str(first))} to {e(str(last))}"
- src="data:image/png;base64,{open_cases_png_b64(trend)}">
+ src="data:image/svg+xml;base64,{open_cases_svg_b64(trend)}">
 <figcaption>Cases open (suspected, confirmed or acknowledged) at local midnight.</figcaption>
 </figure>
 <p class="note">Generated {e(_stamp(s.generated_at))} by midas-recon. The columns are explained

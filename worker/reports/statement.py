@@ -17,6 +17,8 @@ A statement made before its business day is over says so (`partial`): the day's 
 case figures then cover the day up to `generated_at` only. An incomplete run (accounts left
 in error) still has a statement: its error column counts them and the totals leave them out.
 The SQL views of migration 20261124_0002 compute the same numbers for BI tools.
+The coverage, totals and coin statement of a closed night are stored when it closes
+(worker/db/night_figures.py) and read from there while they still hold: the same numbers.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from zoneinfo import ZoneInfo
 
 from sqlalchemy.orm import Session
 
+from worker.db import night_figures
 from worker.db import statement as q
 from worker.db.models import Run
 from worker.db.statement import EVENT_COLUMNS
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     from worker.business_calendar import BusinessCalendar
 
 TREND_DAYS = 30
+TREND_TOTALS = ("balance", "save_sum", "cost_sum", "present_sum")
 # Runs a statement can be made from: every account answered, or some left in error (counted).
 STATEMENT_RUN_STATUSES = (RunStatus.COMPLETE, RunStatus.INCOMPLETE)
 
@@ -225,7 +229,11 @@ def build_statement(
     def line(zone: str) -> ZoneFigures:
         return zones.setdefault(zone, ZoneFigures(zone_id=zone))
 
-    for row in q.coverage(session, run.id, zone_id):
+    # Figures stored when the run closed, while still true (worker/db/night_figures.py);
+    # otherwise the same figures from the snapshots.
+    stored = night_figures.stored(session, run, previous, zone_id)
+    coverage: Iterable[Any] = stored.coverage if stored else q.coverage(session, run.id, zone_id)
+    for row in coverage:
         z = line(row.zone_id)
         z.accounts, z.ok, z.unobservable, z.error = (
             row.accounts,
@@ -237,7 +245,15 @@ def build_statement(
             z.balance, z.save_sum = int(row.balance), int(row.save_sum)
             z.cost_sum, z.present_sum = int(row.cost_sum), int(row.present_sum)
 
-    if previous is not None:
+    if previous is not None and stored and stored.movement:
+        for row in stored.coverage:
+            if row.compared is None:  # no account of the zone ok in both runs
+                continue
+            moved = {name: getattr(row, name) for name in night_figures.MOVEMENT_FIELDS}
+            for name, late in stored.late.get(row.zone_id, {}).items():
+                moved[name] += late  # ledger rows recorded after the figures were stored
+            _set_movement(line(row.zone_id), moved)
+    elif previous is not None:
         for row in q.movement(session, run.id, previous.id, zone_id):
             _set_movement(line(row.zone_id), row._mapping)
 
@@ -286,12 +302,25 @@ def build_trend(
     """Totals of each day's complete nightly run and the cases open at each day's end."""
     q.tune_for_reporting(session)
     dates = [business_date - dt.timedelta(days=n) for n in range(days - 1, -1, -1)]
-    by_date = {row.business_date: row for row in q.trend_totals(session, dates, zone_id)}
+    runs = q.nightly_runs(session, dates[0], dates[-1], status=RunStatus.COMPLETE)
+    # Stored totals where still true (one row per zone), the snapshots for the other runs.
+    by_date: dict[dt.date, dict[str, int]] = {}
+    stored = night_figures.complete_totals(session, runs, zone_id)
+    for run in runs:
+        observed = [r for r in stored.get(run.id, ()) if r.ok]
+        if observed:  # a total over no observed account is unknown: the date stays None
+            by_date[run.business_date] = {
+                name: sum(int(getattr(r, name)) for r in observed) for name in TREND_TOTALS
+            }
+    live = [run.id for run in runs if run.id not in stored]
+    if live:
+        for row in q.trend_totals(session, live, zone_id):
+            by_date[row.business_date] = {name: int(getattr(row, name)) for name in TREND_TOTALS}
     trend = Trend(dates=dates)
     for d in dates:
-        row = by_date.get(d)
-        for name in ("balance", "save_sum", "cost_sum", "present_sum"):
-            getattr(trend, name).append(None if row is None else int(getattr(row, name)))
+        totals = by_date.get(d)
+        for name in TREND_TOTALS:
+            getattr(trend, name).append(None if totals is None else totals[name])
     ends = [calendar.day_bounds(d)[1] for d in dates]
     per_zone = q.open_cases_at(session, ends, zone_id)
     trend.open_cases = [sum(counts[i] for counts in per_zone.values()) for i in range(len(ends))]
