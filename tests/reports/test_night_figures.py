@@ -50,13 +50,16 @@ def store_all(url: str) -> None:
 
 
 @contextmanager
-def statements_sent(url: str) -> Iterator[list[str]]:
+def statements_sent(session: Session) -> Iterator[list[str]]:
+    """The statements `session` sends. Listened for on the session's own engine: the
+    suite's long-lived `db_url` may have a session factory whose engine is no longer the one
+    `engine_for` returns now (both are LRU caches of 8 URLs, evicting at different times)."""
     sent: list[str] = []
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         sent.append(statement)
 
-    engine = engine_for(url)
+    engine = session.get_bind()
     event.listen(engine, "before_cursor_execute", record)
     try:
         yield sent
@@ -85,7 +88,7 @@ def live(url: str, day: dt.date, zone: str | None = None) -> dict[str, Any]:
 def from_store(url: str, day: dt.date, zone: str | None = None) -> tuple[dict[str, Any], bool]:
     """The figures as the statement reads them now, and whether it aggregated the night's
     snapshots again (the coverage's count, the movement's pairing) to get them."""
-    with statements_sent(url) as sent, session_scope(url) as session:
+    with session_scope(url) as session, statements_sent(session) as sent:
         figures = report(session, day, zone)
     aggregates = (
         "AS accounts",
