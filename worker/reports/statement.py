@@ -364,18 +364,7 @@ def as_dict(statement: Statement) -> dict[str, Any]:
 
 
 def _set_movement(z: ZoneFigures, row: Any) -> None:
-    for name in (
-        "compared",
-        "opening_balance",
-        "closing_balance",
-        "midas_save_sum_change",
-        "midas_cost_sum_change",
-        "midas_present_sum_change",
-        "top_ups",
-        "gifts",
-        "spends",
-        "cancels",
-    ):
+    for name in night_figures.MOVEMENT_FIELDS:  # the movement's figures, stored or live
         setattr(z, name, int(row[name]))
     assert z.opening_balance is not None and z.closing_balance is not None  # set just above
     assert z.top_ups is not None and z.gifts is not None
