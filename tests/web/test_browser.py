@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from sqlalchemy import select
@@ -42,6 +42,28 @@ def wait(driver: Any, timeout: float = 20) -> WebDriverWait:  # type: ignore[typ
         timeout,
         poll_frequency=0.1,
         ignored_exceptions=(StaleElementReferenceException,),
+    )
+
+
+def reloading_wait(driver: Any, timeout: float) -> WebDriverWait:  # type: ignore[type-arg]
+    # For a page whose own script reloads it when a run ends: an element read while the
+    # document is being replaced fails with chromedriver's "Node with given id does not belong
+    # to the document" (a plain WebDriverException, not a stale element), which also only means
+    # "not there yet". A real failure still ends in the timeout.
+    return WebDriverWait(
+        driver, timeout, poll_frequency=0.1, ignored_exceptions=(WebDriverException,)
+    )
+
+
+def read(driver: Any, element_id: str, attribute: str | None = None) -> str | None:
+    """One element's text or attribute, read inside the page in one step (no element handle to
+    go stale between finding and reading)."""
+    return driver.execute_script(  # type: ignore[no-any-return]
+        "const e = document.getElementById(arguments[0]);"
+        "if (!e) return null;"
+        "return arguments[1] === null ? e.textContent : e.getAttribute(arguments[1]);",
+        element_id,
+        attribute,
     )
 
 
@@ -134,8 +156,8 @@ def test_an_operators_morning(
     fetches_before = len(driver.find_elements(By.CSS_SELECTOR, "#timeline tr.fetch"))
     driver.find_element(By.ID, "recheck").click()
     wait(driver).until(lambda d: d.find_elements(By.ID, "recheck-result"))
-    wait(driver, 30).until(
-        lambda d: d.find_element(By.ID, "recheck-result").get_attribute("data-status") == "complete"
+    reloading_wait(driver, 30).until(
+        lambda d: read(d, "recheck-result", "data-status") == "complete"
     )
     answer = driver.find_element(By.ID, "recheck-result").text
     assert "complete" in answer and "ok" in answer and "balance" in answer, answer
@@ -204,7 +226,7 @@ def test_a_runs_progress_advances(
     assert driver.find_element(By.ID, "rate").text != "-"
     assert driver.find_element(By.ID, "eta").text != "-"
     driver.save_screenshot(str(shots / "run-progress.png"))
-    wait(driver, 60).until(lambda d: d.find_element(By.ID, "run-status").text == "complete")
+    reloading_wait(driver, 60).until(lambda d: read(d, "run-status") == "complete")
     assert int(driver.find_element(By.ID, "done").text) == planned
     driver.save_screenshot(str(shots / "run-complete.png"))
     night.join(timeout=30)
