@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import Collection, Iterable, Sequence
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Table, and_, exists, false, func, or_, select, tuple_
+from sqlalchemy import ColumnElement, Table, and_, exists, func, or_, select, tuple_
 from sqlalchemy.orm import Session, aliased
 
 from worker.db import partitions
@@ -79,35 +79,16 @@ def current_ok_snapshots(
             newer.fetched_at >= s.fetched_at,
             or_(newer.fetched_at > s.fetched_at, newer.id > s.id),
             newer.status == SnapshotStatus.OK,
-            *_in_months_fetched_since(session, newer, found),
+            *partitions.in_months_fetched_since(
+                session,
+                newer.business_date,
+                select(func.min(s.fetched_at)).where(found).scalar_subquery(),
+            ),
         )
         query = select(s).where(found, s.status == SnapshotStatus.OK, ~superseded)
         out.extend(session.scalars(query))
     out.sort(key=lambda snap: snap.id)
     return out
-
-
-def _in_months_fetched_since(
-    session: Session, newer: Any, found: ColumnElement[bool]
-) -> list[ColumnElement[bool]]:
-    """On Postgres: `newer.business_date` within the months that may hold a snapshot fetched
-    after the earliest of `found` (no month: nothing is newer). SQLite: no bound."""
-    if not partitions.partitioned(session):
-        return []
-    earliest = select(func.min(BalanceSnapshot.fetched_at)).where(found).scalar_subquery()
-    months = partitions.months_fetched_since(session, earliest)
-    return [
-        or_(
-            false(),
-            *(
-                and_(
-                    newer.business_date >= month,
-                    newer.business_date < partitions.add_months(month, 1),
-                )
-                for month in months
-            ),
-        )
-    ]
 
 
 def lock_accounts_of_snapshots(

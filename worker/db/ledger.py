@@ -23,6 +23,7 @@ from typing import cast
 from sqlalchemy import Table, func, select
 from sqlalchemy.orm import Session
 
+from worker.db import partitions
 from worker.db.models import Account, BalanceSnapshot, LedgerEntry
 from worker.db.session import dialect_insert
 from worker.vocabulary import SnapshotStatus
@@ -134,6 +135,10 @@ def accounts_compared_without(session: Session, after_id: int) -> list[int]:
     (and their last comparison) are stale until they are fetched again."""
     led = _ledger
     snap, acc = cast(Table, BalanceSnapshot.__table__), cast(Table, Account.__table__)
+    # Only the months that may hold a snapshot fetched after the earliest late row are read
+    # (one index descent per month kept otherwise: docs/benchmarks.md §3b).
+    earliest = select(func.min(led.c.occurred_at)).where(led.c.id > after_id).scalar_subquery()
+    in_months = partitions.in_months_fetched_since(session, snap.c.business_date, earliest)
     late = (
         select(led.c.openid, led.c.zone_id, func.min(led.c.occurred_at).label("earliest"))
         .where(led.c.id > after_id)
@@ -147,6 +152,7 @@ def accounts_compared_without(session: Session, after_id: int) -> list[int]:
             snap.c.zone_id == late.c.zone_id,
             snap.c.status == SnapshotStatus.OK,
             snap.c.fetched_at >= late.c.earliest,
+            *in_months,
         )
         .exists()
     )

@@ -20,9 +20,12 @@ from sqlalchemy import (
     Engine,
     Interval,
     Table,
+    and_,
     distinct,
+    false,
     func,
     literal,
+    or_,
     select,
     text,
 )
@@ -132,6 +135,29 @@ def months_fetched_since(session: Session, since: ColumnElement[Any]) -> list[dt
         .order_by(_months.c.month)
     )
     return list(session.execute(query).scalars())
+
+
+def in_months_fetched_since(
+    session: Session, business_date: Any, since: ColumnElement[Any]
+) -> list[ColumnElement[bool]]:
+    """The condition "`business_date` (a snapshot column) is in a month that may hold a snapshot
+    fetched after `since`", for a probe of `balance_snapshots` that would otherwise descend
+    every month's index (docs/benchmarks.md §3b). Read in a statement of its own, before the
+    probe, so the probe's months are pruned when it is planned; no month: nothing qualifies.
+    A snapshot visible to this read is visible to the probe, and its month with it
+    (`note_fetched` commits before the snapshot does). SQLite: no condition."""
+    if not partitioned(session):
+        return []
+    months = months_fetched_since(session, since)
+    return [
+        or_(
+            false(),
+            *(
+                and_(business_date >= month, business_date < add_months(month, 1))
+                for month in months
+            ),
+        )
+    ]
 
 
 def _exists(bind: Session | Connection, name: str) -> bool:
