@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 from sqlalchemy import select
@@ -35,21 +35,10 @@ def log_in(driver: Any, live: LiveConsole, shots: Path) -> None:
 
 
 def wait(driver: Any, timeout: float = 20) -> WebDriverWait:  # type: ignore[type-arg]
-    # A click that submits a form replaces the page; an element found on the old page goes
-    # stale between find and read, which only means "not there yet".
-    return WebDriverWait(
-        driver,
-        timeout,
-        poll_frequency=0.1,
-        ignored_exceptions=(StaleElementReferenceException,),
-    )
-
-
-def reloading_wait(driver: Any, timeout: float) -> WebDriverWait:  # type: ignore[type-arg]
-    # For a page whose own script reloads it when a run ends: an element read while the
-    # document is being replaced fails with chromedriver's "Node with given id does not belong
-    # to the document" (a plain WebDriverException, not a stale element), which also only means
-    # "not there yet". A real failure still ends in the timeout.
+    # A click that submits a form replaces the page, and a run's page reloads itself when the
+    # run ends. An element read meanwhile fails: a stale element, or chromedriver's "Node with
+    # given id does not belong to the document" (a plain WebDriverException). Both only mean
+    # "not there yet"; a real failure still ends in the timeout, with its stack trace.
     return WebDriverWait(
         driver, timeout, poll_frequency=0.1, ignored_exceptions=(WebDriverException,)
     )
@@ -156,9 +145,7 @@ def test_an_operators_morning(
     fetches_before = len(driver.find_elements(By.CSS_SELECTOR, "#timeline tr.fetch"))
     driver.find_element(By.ID, "recheck").click()
     wait(driver).until(lambda d: d.find_elements(By.ID, "recheck-result"))
-    reloading_wait(driver, 30).until(
-        lambda d: read(d, "recheck-result", "data-status") == "complete"
-    )
+    wait(driver, 30).until(lambda d: read(d, "recheck-result", "data-status") == "complete")
     answer = driver.find_element(By.ID, "recheck-result").text
     assert "complete" in answer and "ok" in answer and "balance" in answer, answer
     assert len(driver.find_elements(By.CSS_SELECTOR, "#timeline tr.fetch")) == fetches_before + 1
@@ -226,7 +213,7 @@ def test_a_runs_progress_advances(
     assert driver.find_element(By.ID, "rate").text != "-"
     assert driver.find_element(By.ID, "eta").text != "-"
     driver.save_screenshot(str(shots / "run-progress.png"))
-    reloading_wait(driver, 60).until(lambda d: read(d, "run-status") == "complete")
+    wait(driver, 60).until(lambda d: read(d, "run-status") == "complete")
     assert int(driver.find_element(By.ID, "done").text) == planned
     driver.save_screenshot(str(shots / "run-complete.png"))
     night.join(timeout=30)
